@@ -1,0 +1,150 @@
+"""The one exception hierarchy of dingyuan.
+
+Every error a user can see derives from :class:`DingyuanError`. The class docstring is the
+message template (formatted with the constructor's keyword arguments), and ``exit_code`` is what
+the CLI exits with. Errors live here so the CLI can map them without knowing every module::
+
+    DingyuanError                     exit 2  (generic failure)
+    ├── UsageError                    exit 2  bad arguments or names
+    ├── RepositoryError               exit 10
+    │   ├── RepositoryNotFound
+    │   ├── RepositoryExists
+    │   ├── UnsupportedFormat         written by a newer dingyuan / not a repository object
+    │   ├── WrongPassphrase
+    │   ├── PassphraseRequired
+    │   ├── CorruptObject             checksum / authentication / structure failure
+    │   ├── MissingObject             referenced object absent
+    │   ├── LockedError               another process holds a conflicting lock
+    │   ├── SnapshotNotFound
+    │   ├── AmbiguousSnapshot
+    │   └── RetentionLocked           snapshot is immutable until its lock expires
+    ├── StorageError                  exit 20 (backend I/O)
+    │   ├── ObjectNotFound
+    │   ├── ObjectExists
+    │   ├── StorageFull               ENOSPC / quota
+    │   └── StorageIOError            EIO and other OS errors
+    ├── SourceError                   exit 30 (reading the volume to back up)
+    ├── RestoreTargetError            exit 31 (writing the restore target)
+    └── VerifyFailed                  exit 40 (verify found problems)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DingyuanError(Exception):
+    """{detail}"""
+
+    exit_code: ClassVar[int] = 2
+
+    def __init__(self, detail: str = "", **kwargs: Any) -> None:
+        self.kwargs = dict(kwargs, detail=detail)
+        template = " ".join((type(self).__doc__ or "{detail}").split())
+        try:
+            message = template.format(**self.kwargs)
+        except (KeyError, IndexError):
+            message = detail or template
+        super().__init__(message)
+
+
+class UsageError(DingyuanError):
+    """{detail}"""
+
+
+class RepositoryError(DingyuanError):
+    """{detail}"""
+
+    exit_code = 10
+
+
+class RepositoryNotFound(RepositoryError):
+    """No dingyuan repository at {location}: create one with 'dingyuan repo init' or check --repo."""
+
+
+class RepositoryExists(RepositoryError):
+    """A repository already exists at {location}; refusing to overwrite it."""
+
+
+class UnsupportedFormat(RepositoryError):
+    """{what} has format version or magic dingyuan does not understand ({detail}); upgrade dingyuan
+    or check that this is a dingyuan repository."""
+
+
+class WrongPassphrase(RepositoryError):
+    """The passphrase does not open any key of this repository: check DINGYUAN_PASSPHRASE or
+    --passphrase-file."""
+
+
+class PassphraseRequired(RepositoryError):
+    """This repository is encrypted: give its passphrase in DINGYUAN_PASSPHRASE, with
+    --passphrase-file, or on a terminal."""
+
+
+class CorruptObject(RepositoryError):
+    """Repository object {name} is corrupt ({detail}). Run 'dingyuan verify --read-data' to see
+    which snapshots are affected."""
+
+
+class MissingObject(RepositoryError):
+    """Repository object {name} is missing ({detail}). Run 'dingyuan verify' to see which
+    snapshots are affected."""
+
+
+class LockedError(RepositoryError):
+    """The repository is locked by {holder} ({detail}); wait for it to finish, or if that process
+    is gone run 'dingyuan repo unlock'."""
+
+
+class SnapshotNotFound(RepositoryError):
+    """No snapshot matches '{ref}'; list them with 'dingyuan snapshot list'."""
+
+
+class AmbiguousSnapshot(RepositoryError):
+    """'{ref}' matches several snapshots ({detail}); give more characters of the id."""
+
+
+class RetentionLocked(RepositoryError):
+    """Snapshot {snapshot} is retention-locked until {until}; it cannot be deleted or forgotten
+    before then, by anyone."""
+
+
+class StorageError(DingyuanError):
+    """Storage failed: {detail}"""
+
+    exit_code = 20
+
+
+class ObjectNotFound(StorageError):
+    """Object {name} does not exist in the storage backend."""
+
+
+class ObjectExists(StorageError):
+    """Object {name} already exists in the storage backend."""
+
+
+class StorageFull(StorageError):
+    """The storage holding the repository is full while writing {name}: free space or move the
+    repository, then run the command again (nothing committed was lost)."""
+
+
+class StorageIOError(StorageError):
+    """I/O error on {name}: {detail}. Nothing committed was changed; check the disk and retry."""
+
+
+class SourceError(DingyuanError):
+    """Cannot read the source {source}: {detail}"""
+
+    exit_code = 30
+
+
+class RestoreTargetError(DingyuanError):
+    """Cannot write the restore target {target}: {detail}"""
+
+    exit_code = 31
+
+
+class VerifyFailed(DingyuanError):
+    """Verification found {count} problem(s); affected snapshots: {snapshots}."""
+
+    exit_code = 40
