@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# THE test command: installs everything the tests need (Debian 12, as root) and runs the whole suite.
+#   sudo bash scripts/test.sh [PYTEST ARGS...]
+# Steps: apt packages -> .venv (python3 from PATH, >= 3.11) -> pip install -e '.[test]' -> ruff check ->
+# ruff format --check -> mypy (strict) -> lint-imports (when configured) -> python -m pytest "$@".
+# A second run skips apt when every package is installed and pip when pyproject.toml is unchanged.
+# Every check runs even after an earlier one failed; the exit status is non-zero when any failed.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$DY_ROOT"
+
+# Debian packages the test suite uses (add new ones here).
+TEST_DEBS=(
+    python3 python3-venv python3-pip
+    e2fsprogs
+    qemu-utils
+    libnbd-bin python3-libnbd nbdkit
+    fuse3
+)
+
+link_system_python_modules() {
+    # python3-libnbd is built for Debian's /usr/bin/python3; link its module into the venv when the
+    # venv's interpreter can load the extension (same CPython minor version), so tests can `import nbd`.
+    local vpy="$DY_VENV/bin/python" site dist=/usr/lib/python3/dist-packages f
+    "$vpy" -c 'import nbd' 2>/dev/null && { echo "nbd: importable in the venv"; return 0; }
+    site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+    for f in "$dist"/nbd.py "$dist"/libnbdmod.*.so; do
+        [ -e "$f" ] || continue
+        case $f in
+        *.so) "$vpy" -c "import importlib.machinery as m, sys; \
+sys.exit(not any('$f'.endswith(s) for s in m.EXTENSION_SUFFIXES))" || continue ;;
+        esac
+        ln -sfn "$f" "$site/$(basename "$f")"
+    done
+    if "$vpy" -c 'import nbd' 2>/dev/null; then
+        echo "nbd: linked python3-libnbd into the venv"
+    else
+        rm -f "$site/nbd.py" "$site"/libnbdmod.*.so
+        echo "nbd: python3-libnbd does not load in $("$vpy" -V); tests that need it will skip or fail"
+    fi
+}
+
+FAILED=()
+run_check() {  # run_check NAME CMD...: runs one check with a header and its time, remembers failures
+    local name=$1 start rc=0
+    shift
+    dy_section "$name"
+    start=$SECONDS
+    "$@" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        echo "-- $name: ok ($((SECONDS - start)) s)"
+    else
+        echo "-- $name: FAILED with status $rc ($((SECONDS - start)) s)"
+        FAILED+=("$name")
+    fi
+}
+
+dy_section "system packages"
+dy_apt_ensure "${TEST_DEBS[@]}"
+
+dy_section "virtualenv and package"
+dy_venv_ensure
+dy_pip_install test
+link_system_python_modules
+export PATH="$DY_VENV/bin:$PATH"
+export VIRTUAL_ENV="$DY_VENV"
+
+run_check "ruff check" ruff check .
+run_check "ruff format --check" ruff format --check .
+run_check "mypy (strict)" mypy
+if [ -f .importlinter ] || grep -q '^\[tool\.importlinter\]' pyproject.toml \
+    || { [ -f setup.cfg ] && grep -q '^\[importlinter\]' setup.cfg; }; then
+    run_check "import-linter" lint-imports
+else
+    dy_section "import-linter"
+    echo "-- skipped: no import-linter configuration (.importlinter or [tool.importlinter])"
+fi
+run_check "pytest" python -m pytest "$@" </dev/null
+
+dy_section "summary"
+if [ "${#FAILED[@]}" -ne 0 ]; then
+    echo "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "all checks passed"
