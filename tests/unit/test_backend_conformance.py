@@ -207,7 +207,6 @@ def test_invalid_names_rejected(backend: Backend, name: str) -> None:
     assert all_objects(backend) == {}
 
 
-@pytest.mark.xfail(reason="base.check_name matches with '$', which accepts a trailing newline", strict=False)
 def test_trailing_newline_rejected() -> None:
     with pytest.raises(UsageError):
         check_name("config\n")

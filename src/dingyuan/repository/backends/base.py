@@ -34,7 +34,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid object name, else raise UsageError."""
-    if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
+    if not _NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise UsageError(f"invalid object name {name!r}")
     return name
 
@@ -73,5 +73,5 @@ class Backend(ABC):
         """True if the object exists (default: a listing of the exact name)."""
         return any(n == name for n, _ in self.list(name))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- optional hook, a no-op for most backends
         """Release resources (connections, file handles)."""
