@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -97,8 +98,11 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], logfile: Path) -> Step
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        tail = logfile.read_text(errors="replace").splitlines()[-15:]
-        raise StepFailed(f"exit status {proc.returncode}: {shlex.join(cmd)}\n    " + "\n    ".join(tail))
+        tail = logfile.read_text(errors="replace").strip().splitlines()[-15:]
+        raise StepFailed(
+            f"exit status {proc.returncode}: {shlex.join(cmd)}: {tail[-1] if tail else 'no output'}\n    "
+            + "\n    ".join(tail)
+        )
     return Step(wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
 
 
@@ -111,7 +115,7 @@ def du_bytes(path: Path) -> int:
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             st = os.lstat(os.path.join(root, name))
-            if st.st_nlink > 1 and not os.path.isdir(os.path.join(root, name)):
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
@@ -120,15 +124,7 @@ def du_bytes(path: Path) -> int:
 
 
 def same_bytes(a: Path, b: Path) -> bool:
-    if shutil.which("cmp"):
-        return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
-    with a.open("rb") as fa, b.open("rb") as fb:
-        while True:
-            x, y = fa.read(8 * MiB), fb.read(8 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
+    return subprocess.run(["cmp", "-s", str(a), str(b)], check=False).returncode == 0
 
 
 def apt_install(*packages: str) -> None:
@@ -208,12 +204,9 @@ class Dingyuan(Tool):
 
     def version(self) -> str:
         python = Path(self.exe).with_name("python")
-        try:
-            ver = run([str(python), "-c", "import importlib.metadata as m; print(m.version('dingyuan'))"])
-            commit = run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
-            return f"{ver.stdout.strip()} ({commit.stdout.strip()})"
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+        ver = run([str(python), "-c", "import importlib.metadata as m; print(m.version('dingyuan'))"])
+        commit = run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+        return f"{ver.stdout.strip()} ({commit.stdout.strip()})"
 
     def env(self, w: Path) -> dict[str, str]:
         return dict(
@@ -577,7 +570,10 @@ def main() -> int:
             res["note"] = tool.note
             log(f"[{name}] skipped: {tool.note}")
             continue
-        res["version"] = tool.version()
+        try:
+            res["version"] = tool.version()
+        except (OSError, subprocess.CalledProcessError):
+            res["version"] = "unknown"
         logfile = work / "logs" / f"{name}.log"
         logfile.write_bytes(b"")
         w = work / "run" / name

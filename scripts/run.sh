@@ -22,7 +22,7 @@ dy_venv_ensure
 if dy_pip_installed_any; then
     echo "pip: dingyuan up to date (pyproject.toml unchanged since the last install)"
 else
-    dy_pip_install
+    dy_pip_install ""
 fi
 export PATH="$DY_VENV/bin:$PATH"
 dingyuan --help >/dev/null 2>&1 || dy_die "the dingyuan CLI does not run yet (try: $DY_VENV/bin/dingyuan --help)"
