@@ -1,0 +1,213 @@
+"""The local index cache: a SQLite database derived entirely from the repository.
+
+It answers "where is blob X?" on disk (never loaded whole into RAM) and keeps decoded snapshot
+manifests for fast listing. It is a cache: deleting it only costs a rebuild from the
+repository's index objects and manifests, and it never holds anything the repository does not.
+
+Rule that keeps it honest: a blob row exists only for packs listed by an index object that the
+``index_files`` table names. When an index object disappears (gc by another process), the whole
+index part is rebuilt.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .format import BlobEntry, BlobType, Codec, PackRef
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS index_files (name TEXT PRIMARY KEY, gc_seen INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS packs (
+    id BLOB NOT NULL, index_name TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (id, index_name)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS packs_by_index ON packs(index_name);
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB PRIMARY KEY, pack BLOB NOT NULL, type INTEGER NOT NULL, codec INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, volume TEXT NOT NULL, host TEXT NOT NULL, time TEXT NOT NULL,
+    doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS snapshots_by_volume ON snapshots(host, volume, time);
+CREATE TABLE IF NOT EXISTS gc_roots (snapshot TEXT PRIMARY KEY, root BLOB NOT NULL,
+    height INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS refs (id BLOB PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+class Location(tuple[bytes, BlobEntry]):
+    """(pack id, entry)."""
+
+    __slots__ = ()
+
+    @property
+    def pack(self) -> bytes:
+        return self[0]
+
+    @property
+    def entry(self) -> BlobEntry:
+        return self[1]
+
+
+def _row_to_location(bid: bytes, row: tuple[bytes, int, int, int, int, int]) -> Location:
+    pack, btype, codec, raw, offset, length = row
+    return Location((pack, BlobEntry(bid, BlobType(btype), Codec(codec), raw, offset, length)))
+
+
+class IndexCache:
+    """Thread-safe (one SQLite connection per thread) view of the cache database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        db = self.db
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        if row is None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] != str(SCHEMA_VERSION):
+            self.clear_all()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA cache_size=-8000")  # 8 MiB page cache per connection
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # index -----------------------------------------------------------------------------------
+    def index_files(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM index_files")}
+
+    def add_index(self, name: str, packs: list[PackRef]) -> None:
+        with self.transaction() as db:
+            self._add_index(db, name, packs)
+
+    @staticmethod
+    def _add_index(db: sqlite3.Connection, name: str, packs: list[PackRef]) -> None:
+        db.execute("INSERT OR IGNORE INTO index_files(name) VALUES (?)", (name,))
+        db.executemany("INSERT OR IGNORE INTO packs VALUES (?,?,?)", ((p.id, name, p.size) for p in packs))
+        db.executemany(
+            "INSERT OR IGNORE INTO blobs VALUES (?,?,?,?,?,?,?)",
+            (
+                (e.id, p.id, int(e.type), int(e.codec), e.raw_length, e.offset, e.length)
+                for p in packs
+                for e in p.entries
+            ),
+        )
+
+    def replace_index(self, removed: Iterable[str], added: list[tuple[str, list[PackRef]]]) -> None:
+        """Atomically drop some index objects (and their packs' rows) and add others (gc)."""
+        with self.transaction() as db:
+            for name in removed:
+                pack_ids = [r[0] for r in db.execute("SELECT id FROM packs WHERE index_name=?", (name,))]
+                db.execute("DELETE FROM packs WHERE index_name=?", (name,))
+                db.execute("DELETE FROM index_files WHERE name=?", (name,))
+                for pid in pack_ids:
+                    if db.execute("SELECT 1 FROM packs WHERE id=?", (pid,)).fetchone() is None:
+                        db.execute("DELETE FROM blobs WHERE pack=?", (pid,))
+            for name, packs in added:
+                self._add_index(db, name, packs)
+
+    def clear_index(self) -> None:
+        with self.transaction() as db:
+            for table in ("index_files", "packs", "blobs", "gc_roots", "refs"):
+                db.execute(f"DELETE FROM {table}")
+
+    def clear_all(self) -> None:
+        self.clear_index()
+        with self.transaction() as db:
+            db.execute("DELETE FROM snapshots")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def known_packs(self) -> set[bytes]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT id FROM packs")}
+
+    def pack_sizes(self) -> dict[bytes, int]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT id, size FROM packs")}
+
+    def lookup(self, bid: bytes) -> Location | None:
+        row = self.db.execute(
+            "SELECT pack, type, codec, raw_length, offset, length FROM blobs WHERE id=?", (bid,)
+        ).fetchone()
+        return None if row is None else _row_to_location(bid, row)
+
+    def has(self, bid: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM blobs WHERE id=?", (bid,)).fetchone() is not None
+
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """The subset of ``ids`` the index knows (one query per 500 ids)."""
+        out: set[bytes] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = ",".join("?" * len(part))
+            out.update(r[0] for r in self.db.execute(f"SELECT id FROM blobs WHERE id IN ({q})", part))
+        return out
+
+    def lookup_many(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
+        out: dict[bytes, Location] = {}
+        batch = list(set(ids))
+        for i in range(0, len(batch), 500):
+            part = batch[i : i + 500]
+            q = ",".join("?" * len(part))
+            for row in self.db.execute(
+                f"SELECT id, pack, type, codec, raw_length, offset, length FROM blobs WHERE id IN ({q})",
+                part,
+            ):
+                out[row[0]] = _row_to_location(row[0], row[1:])
+        return out
+
+    def blobs_in_pack(self, pack: bytes) -> list[BlobEntry]:
+        rows = self.db.execute(
+            "SELECT id, type, codec, raw_length, offset, length FROM blobs WHERE pack=? ORDER BY offset",
+            (pack,),
+        )
+        return [BlobEntry(r[0], BlobType(r[1]), Codec(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def blob_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0])
+
+    # snapshots -------------------------------------------------------------------------------
+    def snapshot_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM snapshots")}
+
+    def put_snapshots(self, rows: Iterable[tuple[str, str, str, str, str]]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?)", rows)
+
+    def drop_snapshots(self, ids: Iterable[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM snapshots WHERE id=?", ((i,) for i in ids))
+
+    def snapshot_docs(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT doc FROM snapshots ORDER BY time, id")]

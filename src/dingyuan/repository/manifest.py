@@ -1,0 +1,135 @@
+"""Snapshot manifests: the metadata of one point-in-time image and the root of its tree.
+
+A manifest has an immutable *core* (volume, host, time, geometry, root, parent, ...) and a small
+mutable part (retention lock, annotations such as drill results). The snapshot id is the keyed
+BLAKE3 of the canonical JSON of the core, so it proves the whole image; the mutable part may be
+rewritten (``put``) without changing the id, and a reader checks the id against the core.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import CorruptObject, UnsupportedFormat
+from .format import FORMAT_VERSION
+
+CONSISTENCY_LEVELS = ("crash", "filesystem", "application")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def fmt_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(s: str) -> datetime:
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+@dataclass
+class Snapshot:
+    volume: str
+    host: str
+    time: datetime
+    size: int
+    chunk_size: int
+    fanout: int
+    height: int
+    root: bytes
+    consistency: str = "crash"
+    labels: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+    source: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    # mutable part
+    retention_until: datetime | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+    def core(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "volume": self.volume,
+            "host": self.host,
+            "time": fmt_time(self.time),
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "fanout": self.fanout,
+            "height": self.height,
+            "root": self.root.hex(),
+            "consistency": self.consistency,
+            "labels": self.labels,
+            "parent": self.parent,
+            "source": self.source,
+            "stats": self.stats,
+        }
+
+    def mutable(self) -> dict[str, Any]:
+        return {
+            "retention_until": fmt_time(self.retention_until) if self.retention_until else None,
+            "annotations": self.annotations,
+        }
+
+    def doc(self) -> dict[str, Any]:
+        return {"id": self.id, "core": self.core(), "mutable": self.mutable()}
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def locked_at(self, now: datetime) -> bool:
+        return self.retention_until is not None and self.retention_until > now
+
+    def summary(self) -> dict[str, Any]:
+        """A flat JSON view for listings (the stable ``--json`` shape)."""
+        return {
+            "id": self.id,
+            "volume": self.volume,
+            "host": self.host,
+            "time": fmt_time(self.time),
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "consistency": self.consistency,
+            "labels": self.labels,
+            "parent": self.parent,
+            "retention_until": fmt_time(self.retention_until) if self.retention_until else None,
+            "stats": self.stats,
+            "annotations": self.annotations,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], name: str) -> Snapshot:
+        try:
+            core, mut = doc["core"], doc["mutable"]
+            if core.get("format") != FORMAT_VERSION:
+                raise UnsupportedFormat(what=name, detail=f"manifest format {core.get('format')}")
+            until = mut.get("retention_until")
+            return cls(
+                volume=core["volume"],
+                host=core["host"],
+                time=parse_time(core["time"]),
+                size=int(core["size"]),
+                chunk_size=int(core["chunk_size"]),
+                fanout=int(core["fanout"]),
+                height=int(core["height"]),
+                root=bytes.fromhex(core["root"]),
+                consistency=core["consistency"],
+                labels=dict(core["labels"]),
+                parent=core["parent"],
+                source=core.get("source", ""),
+                stats=dict(core.get("stats", {})),
+                retention_until=parse_time(until) if until else None,
+                annotations=dict(mut.get("annotations", {})),
+                id=doc.get("id", ""),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise CorruptObject(name=name, detail=f"malformed manifest: {e}") from None
+
+
+def canonical(core: dict[str, Any]) -> bytes:
+    return json.dumps(core, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,397 @@
+"""The repository: config, keys, blobs in packs, index objects and snapshot manifests.
+
+Layout of object names (see docs/format.md)::
+
+    config                      plaintext JSON, authenticated by a MAC under the master key
+    keys/<id>                   the master key wrapped by a passphrase (Argon2id + AES-256-GCM)
+    packs/<xx>/<pack id>        blobs (chunks, tree nodes) + sealed table of contents
+    index/<index id>            sealed list of packs and their blobs
+    snapshots/<snapshot id>     sealed manifest
+    locks/<random>              JSON lock records
+
+Write ordering (MUST): packs are durable before an index object lists them; index objects are
+durable before a manifest refers to their blobs; a manifest is created last, atomically.
+Deletion runs in reverse: manifests, then index objects, then packs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+import zstandard
+
+from ..errors import (
+    AmbiguousSnapshot,
+    CorruptObject,
+    MissingObject,
+    ObjectExists,
+    ObjectNotFound,
+    PassphraseRequired,
+    RepositoryExists,
+    RepositoryNotFound,
+    RetentionLocked,
+    SnapshotNotFound,
+    UnsupportedFormat,
+    UsageError,
+    WrongPassphrase,
+)
+from .backends.base import Backend
+from .cache import IndexCache, Location
+from .crypto import Cipher, KdfParams, unwrap_master_key, wrap_master_key
+from .format import (
+    FORMAT_VERSION,
+    INDEX_MAGIC,
+    MANIFEST_MAGIC,
+    PACK_END_MAGIC,
+    PACK_HEADER,
+    PACK_MAGIC,
+    PACK_TRAILER,
+    TOC_MAGIC,
+    BlobEntry,
+    BlobType,
+    Codec,
+    PackRef,
+    decode_index,
+    decode_toc,
+    decode_tree_node,
+    encode_index,
+    index_name,
+    pack_name,
+    snapshot_name,
+)
+from .locks import RepoLock
+from .manifest import Snapshot, canonical, utcnow
+from .tree import TreeReader
+
+DEFAULT_PACK_SIZE = 16 << 20
+DEFAULT_CHUNK_SIZE = 64 << 10
+DEFAULT_FANOUT = 256
+ENCRYPTIONS = ("aes-256-gcm", "none")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("DINGYUAN_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dingyuan"
+
+
+def _config_mac_input(cfg: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in cfg.items() if k != "mac"}, sort_keys=True).encode()
+
+
+class Repository:
+    """An open repository. Thread-safe for reads; writers coordinate through locks."""
+
+    def __init__(self, backend: Backend, cipher: Cipher, config: dict[str, Any], cache_dir: Path) -> None:
+        self.backend = backend
+        self.cipher = cipher
+        self.config = config
+        self.id: str = config["id"]
+        self.pack_size: int = int(config.get("pack_size", DEFAULT_PACK_SIZE))
+        self.cache = IndexCache(cache_dir / self.id / "cache.sqlite")
+        self._local = threading.local()
+
+    # opening ---------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        backend: Backend,
+        passphrase: bytes | None,
+        encryption: str = "aes-256-gcm",
+        cache_dir: Path | None = None,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        kdf: KdfParams | None = None,
+    ) -> Repository:
+        if encryption not in ENCRYPTIONS:
+            raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(ENCRYPTIONS)}")
+        if backend.exists("config"):
+            raise RepositoryExists(location=backend.location)
+        if encryption != "none" and not passphrase:
+            raise PassphraseRequired()
+        master = secrets.token_bytes(64)
+        cipher = Cipher(master, encrypted=encryption != "none")
+        config: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "id": secrets.token_hex(16),
+            "encryption": encryption,
+            "pack_size": pack_size,
+            "created": utcnow().isoformat(),
+        }
+        config["mac"] = cipher.mac(_config_mac_input(config)).hex()
+        keydoc = wrap_master_key(
+            master, passphrase if encryption != "none" else None, kdf or KdfParams.from_env()
+        )
+        backend.create(f"keys/{secrets.token_hex(8)}", json.dumps(keydoc).encode())
+        try:
+            backend.create("config", json.dumps(config, sort_keys=True).encode())
+        except ObjectExists:
+            raise RepositoryExists(location=backend.location) from None
+        return cls(backend, cipher, config, cache_dir or default_cache_dir())
+
+    @classmethod
+    def open(cls, backend: Backend, passphrase: bytes | None, cache_dir: Path | None = None) -> Repository:
+        try:
+            raw = backend.get("config")
+        except ObjectNotFound:
+            raise RepositoryNotFound(location=backend.location) from None
+        try:
+            config = json.loads(raw)
+        except ValueError as e:
+            raise CorruptObject(name="config", detail=str(e)) from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
+            raise UnsupportedFormat(what="config", detail=f"format {config.get('format')!r}")
+        encrypted = config.get("encryption") != "none"
+        if encrypted and passphrase is None:
+            raise PassphraseRequired()
+        master = None
+        for name, _ in sorted(backend.list("keys/")):
+            try:
+                doc = json.loads(backend.get(name))
+                master = unwrap_master_key(doc, passphrase, name)
+                break
+            except WrongPassphrase:
+                continue
+            except ValueError as e:
+                raise CorruptObject(name=name, detail=str(e)) from None
+        if master is None:
+            raise WrongPassphrase()
+        cipher = Cipher(master, encrypted=encrypted)
+        if cipher.mac(_config_mac_input(config)).hex() != config.get("mac"):
+            raise CorruptObject(name="config", detail="authentication failed")
+        return cls(backend, cipher, config, cache_dir or default_cache_dir())
+
+    def close(self) -> None:
+        self.cache.close()
+        self.backend.close()
+
+    def lock(self, exclusive: bool, purpose: str, wait: float = 10.0) -> RepoLock:
+        return RepoLock(self.backend, exclusive, purpose, wait)
+
+    def lock_is_sole(self, mine: str) -> bool:
+        """True if no process but the holder of lock ``mine`` holds a lock."""
+        return RepoLock.others(self.backend, mine) == 0
+
+    # blobs -----------------------------------------------------------------------------------
+    def decode_blob(self, entry: BlobEntry, stored: bytes | memoryview, where: str) -> bytes:
+        """Decrypt, decompress and verify one stored blob; raise CorruptObject on any mismatch."""
+        name = f"{where} blob {entry.id.hex()[:16]}"
+        payload = self.cipher.open_blob(stored, entry.id + bytes([entry.type]), name)
+        if entry.codec == Codec.ZSTD:
+            dctx = getattr(self._local, "dctx", None)
+            if dctx is None:
+                dctx = self._local.dctx = zstandard.ZstdDecompressor()
+            try:
+                data = dctx.decompress(payload, max_output_size=entry.raw_length)
+            except zstandard.ZstdError as e:
+                raise CorruptObject(name=name, detail=f"cannot decompress: {e}") from None
+        else:
+            data = payload
+        if len(data) != entry.raw_length or self.cipher.blob_id(data) != entry.id:
+            raise CorruptObject(name=name, detail="content does not match its id")
+        return bytes(data)
+
+    def locate(self, bid: bytes) -> Location:
+        loc = self.cache.lookup(bid)
+        if loc is None:
+            raise MissingObject(name=f"blob {bid.hex()}", detail="not in any index")
+        return loc
+
+    def read_blob(self, bid: bytes) -> bytes:
+        loc = self.locate(bid)
+        name = pack_name(loc.pack)
+        try:
+            stored = self.backend.get_range(name, loc.entry.offset, loc.entry.length)
+        except ObjectNotFound:
+            raise MissingObject(name=name, detail=f"holds blob {bid.hex()[:16]}") from None
+        return self.decode_blob(loc.entry, stored, name)
+
+    def load_tree_node(self, bid: bytes, level: int) -> list[bytes]:
+        data = self.read_blob(bid)
+        got, ids = decode_tree_node(data, f"tree node {bid.hex()[:16]}")
+        if got != level:
+            raise CorruptObject(name=f"tree node {bid.hex()[:16]}", detail=f"level {got}, expected {level}")
+        return ids
+
+    def tree(self, snap: Snapshot) -> TreeReader:
+        return TreeReader(snap.root, snap.height, snap.fanout, snap.nchunks, self.load_tree_node)
+
+    def read_pack_toc(self, pack: bytes, size: int) -> list[BlobEntry]:
+        """Read a pack's own table of contents (from its trailer)."""
+        name = pack_name(pack)
+        if size < PACK_HEADER.size + PACK_TRAILER.size:
+            raise CorruptObject(name=name, detail="pack too short")
+        toc_len, end_magic = PACK_TRAILER.unpack(
+            self.backend.get_range(name, size - PACK_TRAILER.size, PACK_TRAILER.size)
+        )
+        if end_magic != PACK_END_MAGIC:
+            raise CorruptObject(name=name, detail="bad pack trailer")
+        if toc_len > size - PACK_HEADER.size - PACK_TRAILER.size:
+            raise CorruptObject(name=name, detail="table of contents length out of range")
+        sealed = self.backend.get_range(name, size - PACK_TRAILER.size - toc_len, toc_len)
+        return decode_toc(self.cipher.unseal(TOC_MAGIC, sealed, name), name)
+
+    @staticmethod
+    def check_pack_bytes(pack: bytes, data: bytes) -> None:
+        name = pack_name(pack)
+        if blake3.blake3(data).digest() != pack:
+            raise CorruptObject(name=name, detail="pack content does not match its name")
+        if data[:8] != PACK_MAGIC:
+            raise UnsupportedFormat(what=name, detail="pack magic")
+
+    # index -----------------------------------------------------------------------------------
+    def write_index(self, packs: list[PackRef]) -> str:
+        """Write one index object for durable packs and record it in the cache."""
+        sealed = self.cipher.seal(INDEX_MAGIC, encode_index(packs))
+        name = index_name(blake3.blake3(sealed).digest())
+        with contextlib.suppress(ObjectExists):  # content-named: an equal object is already there
+            self.backend.create(name, sealed)
+        self.cache.add_index(name, packs)
+        return name
+
+    def read_index(self, name: str) -> list[PackRef]:
+        sealed = self.backend.get(name)
+        if blake3.blake3(sealed).hexdigest() != name.rsplit("/", 1)[-1]:
+            raise CorruptObject(name=name, detail="content does not match its name")
+        return decode_index(self.cipher.unseal(INDEX_MAGIC, sealed, name), name)
+
+    def sync_index(self) -> None:
+        """Bring the cache's index up to date with the repository's index objects."""
+        names = {n for n, _ in self.backend.list("index/")}
+        known = self.cache.index_files()
+        if known - names:
+            self.cache.clear_index()
+            known = set()
+        for name in sorted(names - known):
+            self.cache.add_index(name, self.read_index(name))
+
+    # snapshots -------------------------------------------------------------------------------
+    def snapshot_id(self, snap: Snapshot) -> str:
+        return str(blake3.blake3(canonical(snap.core()), key=self.cipher.id_key).hexdigest())
+
+    def _encode_manifest(self, snap: Snapshot) -> bytes:
+        return self.cipher.seal_json(MANIFEST_MAGIC, {"core": snap.core(), "mutable": snap.mutable()})
+
+    def read_snapshot(self, sid: str) -> Snapshot:
+        name = snapshot_name(sid)
+        try:
+            sealed = self.backend.get(name)
+        except ObjectNotFound:
+            raise SnapshotNotFound(ref=sid) from None
+        doc = self.cipher.unseal_json(MANIFEST_MAGIC, sealed, name)
+        snap = Snapshot.from_doc(doc, name)
+        snap.id = self.snapshot_id(snap)
+        if snap.id != sid:
+            raise CorruptObject(name=name, detail="manifest does not match its id")
+        return snap
+
+    def save_snapshot(self, snap: Snapshot) -> Snapshot:
+        """Commit a new snapshot: the manifest is created atomically, last."""
+        snap.id = self.snapshot_id(snap)
+        self.backend.create(snapshot_name(snap.id), self._encode_manifest(snap))
+        self._cache_snapshots([snap])
+        return snap
+
+    def update_snapshot(self, snap: Snapshot) -> None:
+        """Rewrite the mutable part (retention lock, annotations); the id does not change."""
+        if self.snapshot_id(snap) != snap.id:
+            raise UsageError("the immutable part of a snapshot cannot change")
+        self.backend.put(snapshot_name(snap.id), self._encode_manifest(snap))
+        self._cache_snapshots([snap])
+
+    def delete_snapshot(self, snap: Snapshot, now: datetime | None = None) -> None:
+        current = self.read_snapshot(snap.id)  # the lock in the repository is authoritative
+        if current.locked_at(now or utcnow()):
+            assert current.retention_until is not None
+            raise RetentionLocked(snapshot=snap.id[:12], until=current.retention_until.isoformat())
+        self.backend.delete(snapshot_name(snap.id))
+        self.cache.drop_snapshots([snap.id])
+
+    def _cache_snapshots(self, snaps: list[Snapshot]) -> None:
+        self.cache.put_snapshots(
+            (s.id, s.volume, s.host, s.time.isoformat(), json.dumps(s.doc())) for s in snaps
+        )
+
+    def sync_snapshots(self) -> None:
+        names = {n.rsplit("/", 1)[-1] for n, _ in self.backend.list("snapshots/")}
+        known = self.cache.snapshot_ids()
+        gone = known - names
+        if gone:
+            self.cache.drop_snapshots(gone)
+        new = [self.read_snapshot(sid) for sid in sorted(names - known)]
+        if new:
+            self._cache_snapshots(new)
+
+    def snapshots(self, sync: bool = True) -> list[Snapshot]:
+        """All snapshots, oldest first."""
+        if sync:
+            self.sync_snapshots()
+        out = []
+        for raw in self.cache.snapshot_docs():
+            doc = json.loads(raw)
+            snap = Snapshot.from_doc(doc, "cache")
+            out.append(snap)
+        return out
+
+    def latest(self, volume: str, host: str | None = None) -> Snapshot | None:
+        cands = [s for s in self.snapshots() if s.volume == volume and (host is None or s.host == host)]
+        return max(cands, key=lambda s: (s.time, s.id)) if cands else None
+
+    def resolve(self, ref: str) -> Snapshot:
+        """A snapshot by id, unique id prefix, ``VOLUME@latest`` or ``HOST:VOLUME@latest``."""
+        if ref.endswith("@latest"):
+            vol = ref[: -len("@latest")]
+            host = None
+            if ":" in vol:
+                host, vol = vol.split(":", 1)
+            snap = self.latest(vol, host)
+            if snap is None:
+                raise SnapshotNotFound(ref=ref)
+            return snap
+        ref = ref.lower()
+        if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
+            raise SnapshotNotFound(ref=ref)
+        hits = [s for s in self.snapshots() if s.id.startswith(ref)]
+        if not hits:
+            raise SnapshotNotFound(ref=ref)
+        if len(hits) > 1:
+            raise AmbiguousSnapshot(ref=ref, detail=", ".join(s.id[:12] for s in hits[:5]))
+        return self.read_snapshot(hits[0].id)
+
+    def iter_packs(self) -> Iterator[tuple[bytes, int]]:
+        for name, size in self.backend.list("packs/"):
+            try:
+                yield bytes.fromhex(name.rsplit("/", 1)[-1]), size
+            except ValueError:
+                continue
+
+    def recover_packs(self) -> int:
+        """Index packs that are durable but listed by no index object (after a crash).
+
+        Only chunk blobs are re-indexed: they carry no references, so reviving one is always
+        safe. Tree nodes of an interrupted backup are cheap to write again. Run only while no
+        other process holds a lock, so in-flight packs of a concurrent backup are not touched.
+        """
+        known = self.cache.known_packs()
+        refs = []
+        for pack, size in self.iter_packs():
+            if pack in known:
+                continue
+            try:
+                entries = [e for e in self.read_pack_toc(pack, size) if e.type == BlobType.CHUNK]
+            except (CorruptObject, UnsupportedFormat):
+                continue  # verify reports it; never index what we cannot read
+            refs.append(PackRef(pack, size, entries))
+        if refs:
+            self.write_index(refs)
+        return len(refs)

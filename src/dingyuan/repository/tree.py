@@ -1,0 +1,151 @@
+"""The Merkle tree over a volume's chunk ids.
+
+A volume of ``n`` chunks has a tree of fixed fan-out ``F`` and height ``h`` (the smallest with
+``F**h >= n``). Level-0 nodes hold chunk ids; a level-``l`` node holds the ids of level-``l-1``
+nodes; the root is the single level-``h-1`` node. Entry ``j`` of a level-``l`` node covers
+chunks ``[base + j*F**l, base + (j+1)*F**l)``. Nodes are positional: the last node of a level may
+be short. An all-zero chunk and an all-zero subtree have the id ``ZERO_ID`` and are never
+stored, so a sparse volume costs what it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from .format import ZERO_ID
+
+StoreNode = Callable[[int, list[bytes]], bytes]
+LoadNode = Callable[[bytes, int], list[bytes]]
+
+
+def tree_height(nchunks: int, fanout: int) -> int:
+    height, cap = 1, fanout
+    while cap < nchunks:
+        height += 1
+        cap *= fanout
+    return height
+
+
+class TreeBuilder:
+    """Build a tree from chunk ids given in volume order; ``skip_to`` fills holes cheaply."""
+
+    def __init__(self, fanout: int, nchunks: int, store: StoreNode) -> None:
+        self.fanout = fanout
+        self.nchunks = nchunks
+        self.height = tree_height(nchunks, fanout)
+        self.store = store
+        self.pending: list[list[bytes]] = [[] for _ in range(self.height)]
+        self.next = 0
+
+    def _node(self, level: int, ids: list[bytes]) -> bytes:
+        if all(i == ZERO_ID for i in ids):
+            return ZERO_ID
+        return self.store(level, ids)
+
+    def _push(self, level: int, entry: bytes) -> None:
+        pend = self.pending[level]
+        pend.append(entry)
+        if len(pend) == self.fanout and level < self.height - 1:
+            self.pending[level] = []
+            self._push(level + 1, self._node(level, pend))
+
+    def add(self, chunk_id: bytes) -> None:
+        self._push(0, chunk_id)
+        self.next += 1
+
+    def skip_to(self, index: int) -> None:
+        """Chunks ``[next, index)`` are all zero."""
+        f = self.fanout
+        while self.next < index:
+            level, span = 0, 1
+            while level < self.height - 1 and self.next % (span * f) == 0 and self.next + span * f <= index:
+                level += 1
+                span *= f
+            self._push(level, ZERO_ID)
+            self.next += span
+
+    def finish(self) -> bytes:
+        """Return the root id (``ZERO_ID`` for an all-zero volume)."""
+        self.skip_to(self.nchunks)
+        for level in range(self.height - 1):
+            if self.pending[level]:
+                ids, self.pending[level] = self.pending[level], []
+                self._push(level + 1, self._node(level, ids))
+        return self._node(self.height - 1, self.pending[self.height - 1])
+
+
+class TreeReader:
+    """Read a tree: leaf nodes in order, or the chunk ids of any range (for incremental scans)."""
+
+    def __init__(self, root: bytes, height: int, fanout: int, nchunks: int, load: LoadNode) -> None:
+        self.root = root
+        self.height = height
+        self.fanout = fanout
+        self.nchunks = nchunks
+        self.load = load
+        self._path: dict[int, tuple[int, list[bytes] | None]] = {}
+
+    def leaves(self) -> Iterator[tuple[int, list[bytes]]]:
+        """Yield ``(first chunk index, chunk ids)`` for every non-zero leaf node, in order."""
+        if self.root == ZERO_ID:
+            return
+        yield from self._walk(self.root, self.height - 1, 0)
+
+    def _walk(self, node: bytes, level: int, base: int) -> Iterator[tuple[int, list[bytes]]]:
+        ids = self.load(node, level)
+        if level == 0:
+            yield base, ids
+            return
+        span = self.fanout**level
+        for j, child in enumerate(ids):
+            if child != ZERO_ID:
+                yield from self._walk(child, level - 1, base + j * span)
+
+    def nodes(self) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        """Yield ``(level, node id, child ids)`` for every stored node, depth first."""
+
+        def walk(node: bytes, level: int) -> Iterator[tuple[int, bytes, list[bytes]]]:
+            ids = self.load(node, level)
+            yield level, node, ids
+            if level:
+                for child in ids:
+                    if child != ZERO_ID:
+                        yield from walk(child, level - 1)
+
+        if self.root != ZERO_ID:
+            yield from walk(self.root, self.height - 1)
+
+    def _node_at(self, level: int, index: int) -> list[bytes] | None:
+        """Child ids of the level-``level`` node number ``index`` (None if a hole)."""
+        cached = self._path.get(level)
+        if cached is not None and cached[0] == index:
+            return cached[1]
+        if level == self.height - 1:
+            ids = None if self.root == ZERO_ID or index != 0 else self.load(self.root, level)
+        else:
+            parent = self._node_at(level + 1, index // self.fanout)
+            j = index % self.fanout
+            if parent is None or j >= len(parent) or parent[j] == ZERO_ID:
+                ids = None
+            else:
+                ids = self.load(parent[j], level)
+        self._path[level] = (index, ids)
+        return ids
+
+    def ids_range(self, start: int, count: int) -> list[bytes]:
+        """Chunk ids of chunks ``[start, start+count)`` (``ZERO_ID`` beyond the end or in holes)."""
+        out: list[bytes] = []
+        f = self.fanout
+        i, end = start, start + count
+        while i < end:
+            leaf = self._node_at(0, i // f)
+            stop = min(end, (i // f + 1) * f)
+            if leaf is None:
+                out.extend([ZERO_ID] * (stop - i))
+            else:
+                lo = i % f
+                part = leaf[lo : lo + (stop - i)]
+                out.extend(part)
+                out.extend([ZERO_ID] * (stop - i - len(part)))
+            i = stop
+        return out

@@ -1,0 +1,159 @@
+"""Writing blobs: pack them, upload packs in the background, index them once durable.
+
+``BlobWriter`` keeps the write-ordering rules: a pack is put (durably) before its blobs are
+listed by an index object, and ``flush`` returns only when every blob added so far is in a
+durable pack listed by a durable index object -- then a manifest may refer to them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from types import TracebackType
+
+import blake3
+
+from .format import (
+    PACK_END_MAGIC,
+    PACK_HEADER,
+    PACK_MAGIC,
+    PACK_TRAILER,
+    TOC_MAGIC,
+    BlobEntry,
+    BlobType,
+    Codec,
+    PackRef,
+    encode_toc,
+    pack_name,
+)
+from .repo import Repository
+
+INDEX_EVERY = 32  # packs per index object while a long backup runs
+
+
+class PackBuilder:
+    """Accumulate sealed blobs into one pack: header | blobs | sealed TOC | trailer."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = [PACK_HEADER.pack(PACK_MAGIC)]
+        self.size = PACK_HEADER.size
+        self.entries: list[BlobEntry] = []
+
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: bytes) -> None:
+        self.entries.append(BlobEntry(bid, btype, codec, raw_length, self.size, len(stored)))
+        self.parts.append(stored)
+        self.size += len(stored)
+
+    def finish(self, repo: Repository) -> tuple[bytes, bytes, list[BlobEntry]]:
+        toc = repo.cipher.seal(TOC_MAGIC, encode_toc(self.entries))
+        self.parts.append(toc)
+        self.parts.append(PACK_TRAILER.pack(len(toc), PACK_END_MAGIC))
+        data = b"".join(self.parts)
+        self.parts = []
+        return blake3.blake3(data).digest(), data, self.entries
+
+
+class BlobWriter:
+    """Add blobs; ``flush`` makes them durable and indexed. Use as a context manager."""
+
+    def __init__(
+        self, repo: Repository, pack_size: int | None = None, index_every: int = INDEX_EVERY
+    ) -> None:
+        self.repo = repo
+        self.pack_size = pack_size or repo.pack_size
+        self.index_every = index_every
+        self._claimed: set[bytes] = set()
+        self._claim_lock = threading.Lock()
+        self._builder: PackBuilder | None = None
+        self._queue: queue.Queue[tuple[bytes, bytes, list[BlobEntry]] | None] = queue.Queue(maxsize=1)
+        self._durable: list[PackRef] = []
+        self._durable_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._upload_loop, name="pack-upload", daemon=True)
+        self._thread.start()
+        self.bytes_stored = 0
+        self.blobs_added = 0
+        self.packs_written = 0
+
+    # dedup -----------------------------------------------------------------------------------
+    def claim(self, bid: bytes) -> bool:
+        """True if ``bid`` is new to this writer (the caller must then add it)."""
+        with self._claim_lock:
+            if bid in self._claimed:
+                return False
+            self._claimed.add(bid)
+            return True
+
+    def is_new(self, bid: bytes) -> bool:
+        """True if the repository lacks ``bid`` and nobody in this session claimed it yet."""
+        return not self.repo.cache.has(bid) and self.claim(bid)
+
+    # writing ---------------------------------------------------------------------------------
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: bytes) -> None:
+        self._raise_error()
+        if self._builder is None:
+            self._builder = PackBuilder()
+        self._builder.add(bid, btype, codec, raw_length, stored)
+        self.bytes_stored += len(stored)
+        self.blobs_added += 1
+        if self._builder.size >= self.pack_size:
+            self._ship()
+        if len(self._durable) >= self.index_every:
+            self._write_index()
+
+    def _ship(self) -> None:
+        if self._builder is None or not self._builder.entries:
+            return
+        item = self._builder.finish(self.repo)
+        self._builder = None
+        self._queue.put(item)
+
+    def _upload_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    pack, data, entries = item
+                    self.repo.backend.put(pack_name(pack), data)
+                    with self._durable_lock:
+                        self._durable.append(PackRef(pack, len(data), entries))
+                        self.packs_written += 1
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write_index(self) -> None:
+        with self._durable_lock:
+            refs, self._durable = self._durable, []
+        if not refs:
+            return
+        self.repo.write_index(refs)
+        with self._claim_lock:  # now findable through the cache; keeps the claim set bounded
+            for ref in refs:
+                self._claimed.difference_update(e.id for e in ref.entries)
+
+    def flush(self) -> None:
+        """Return once every added blob is in a durable pack named by a durable index object."""
+        self._ship()
+        self._queue.join()
+        self._raise_error()
+        self._write_index()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
