@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .format import BlobEntry, BlobType, Codec, PackRef
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -29,8 +29,9 @@ CREATE TABLE IF NOT EXISTS packs (
     PRIMARY KEY (id, index_name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS packs_by_index ON packs(index_name);
 CREATE TABLE IF NOT EXISTS blobs (
-    id BLOB PRIMARY KEY, pack BLOB NOT NULL, type INTEGER NOT NULL, codec INTEGER NOT NULL,
-    raw_length INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID;
+    id BLOB NOT NULL, pack BLOB NOT NULL, type INTEGER NOT NULL, codec INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    PRIMARY KEY (id, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, volume TEXT NOT NULL, host TEXT NOT NULL, time TEXT NOT NULL,
@@ -38,7 +39,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE INDEX IF NOT EXISTS snapshots_by_volume ON snapshots(host, volume, time);
 CREATE TABLE IF NOT EXISTS gc_roots (snapshot TEXT PRIMARY KEY, root BLOB NOT NULL,
     height INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS refs (id BLOB PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refs (id BLOB PRIMARY KEY, level INTEGER NOT NULL,
+    count INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_dead ON refs(count) WHERE count = 0;
 """
 
 
@@ -69,13 +72,14 @@ class IndexCache:
         self.path = path
         self._local = threading.local()
         db = self.db
-        db.executescript(_SCHEMA)
+        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
         row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
-        if row is None:
-            with db:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            self.clear_all()
+        if row is not None and row[0] != str(SCHEMA_VERSION):  # a cache: start over
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                db.execute(f"DROP TABLE IF EXISTS {table}")
+        db.executescript(_SCHEMA)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -141,14 +145,14 @@ class IndexCache:
 
     def clear_index(self) -> None:
         with self.transaction() as db:
-            for table in ("index_files", "packs", "blobs", "gc_roots", "refs"):
+            for table in ("index_files", "packs", "blobs"):
                 db.execute(f"DELETE FROM {table}")
 
     def clear_all(self) -> None:
         self.clear_index()
         with self.transaction() as db:
-            db.execute("DELETE FROM snapshots")
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            for table in ("snapshots", "gc_roots", "refs"):
+                db.execute(f"DELETE FROM {table}")
 
     def known_packs(self) -> set[bytes]:
         return {r[0] for r in self.db.execute("SELECT DISTINCT id FROM packs")}
@@ -158,12 +162,12 @@ class IndexCache:
 
     def lookup(self, bid: bytes) -> Location | None:
         row = self.db.execute(
-            "SELECT pack, type, codec, raw_length, offset, length FROM blobs WHERE id=?", (bid,)
+            "SELECT pack, type, codec, raw_length, offset, length FROM blobs WHERE id=? LIMIT 1", (bid,)
         ).fetchone()
         return None if row is None else _row_to_location(bid, row)
 
     def has(self, bid: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM blobs WHERE id=?", (bid,)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (bid,)).fetchone() is not None
 
     def present(self, ids: list[bytes]) -> set[bytes]:
         """The subset of ``ids`` the index knows (one query per 500 ids)."""
@@ -171,7 +175,9 @@ class IndexCache:
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = ",".join("?" * len(part))
-            out.update(r[0] for r in self.db.execute(f"SELECT id FROM blobs WHERE id IN ({q})", part))
+            out.update(
+                r[0] for r in self.db.execute(f"SELECT DISTINCT id FROM blobs WHERE id IN ({q})", part)
+            )
         return out
 
     def lookup_many(self, ids: Iterable[bytes]) -> dict[bytes, Location]:

@@ -250,12 +250,17 @@ class Repository:
             raise UnsupportedFormat(what=name, detail="pack magic")
 
     # index -----------------------------------------------------------------------------------
-    def write_index(self, packs: list[PackRef]) -> str:
-        """Write one index object for durable packs and record it in the cache."""
+    def write_index_object(self, packs: list[PackRef]) -> str:
+        """Durably write one index object for durable packs; return its name."""
         sealed = self.cipher.seal(INDEX_MAGIC, encode_index(packs))
         name = index_name(blake3.blake3(sealed).digest())
         with contextlib.suppress(ObjectExists):  # content-named: an equal object is already there
             self.backend.create(name, sealed)
+        return name
+
+    def write_index(self, packs: list[PackRef]) -> str:
+        """Write one index object for durable packs and record it in the cache."""
+        name = self.write_index_object(packs)
         self.cache.add_index(name, packs)
         return name
 
@@ -273,7 +278,11 @@ class Repository:
             self.cache.clear_index()
             known = set()
         for name in sorted(names - known):
-            self.cache.add_index(name, self.read_index(name))
+            try:
+                packs = self.read_index(name)
+            except (CorruptObject, UnsupportedFormat, ObjectNotFound):
+                continue  # its blobs count as missing; 'dingyuan verify' reports it
+            self.cache.add_index(name, packs)
 
     # snapshots -------------------------------------------------------------------------------
     def snapshot_id(self, snap: Snapshot) -> str:
@@ -375,12 +384,13 @@ class Repository:
             except ValueError:
                 continue
 
-    def recover_packs(self) -> int:
+    def recover_packs(self, delete_useless: bool = False) -> int:
         """Index packs that are durable but listed by no index object (after a crash).
 
         Only chunk blobs are re-indexed: they carry no references, so reviving one is always
         safe. Tree nodes of an interrupted backup are cheap to write again. Run only while no
         other process holds a lock, so in-flight packs of a concurrent backup are not touched.
+        With ``delete_useless`` (gc), a pack without any chunk is deleted instead.
         """
         known = self.cache.known_packs()
         refs = []
@@ -391,7 +401,10 @@ class Repository:
                 entries = [e for e in self.read_pack_toc(pack, size) if e.type == BlobType.CHUNK]
             except (CorruptObject, UnsupportedFormat):
                 continue  # verify reports it; never index what we cannot read
-            refs.append(PackRef(pack, size, entries))
+            if entries or not delete_useless:
+                refs.append(PackRef(pack, size, entries))
+            else:
+                self.backend.delete(pack_name(pack))
         if refs:
             self.write_index(refs)
         return len(refs)

@@ -149,3 +149,46 @@ class TreeReader:
                 out.extend([ZERO_ID] * (stop - i - len(part)))
             i = stop
         return out
+
+
+def changed_chunks(a: TreeReader, b: TreeReader) -> Iterator[int]:
+    """Indexes of chunks whose ids differ between two trees, skipping equal subtrees."""
+    total = max(a.nchunks, b.nchunks)
+    if a.height != b.height or a.fanout != b.fanout:
+        step = a.fanout
+        for start in range(0, total, step):
+            n = min(step, total - start)
+            for j, (x, y) in enumerate(zip(a.ids_range(start, n), b.ids_range(start, n), strict=True)):
+                if x != y:
+                    yield start + j
+        return
+
+    def rec(x: bytes, y: bytes, level: int, base: int) -> Iterator[int]:
+        if x == y:
+            return
+        xs = a.load(x, level) if x != ZERO_ID else []
+        ys = b.load(y, level) if y != ZERO_ID else []
+        span = a.fanout**level
+        for j in range(max(len(xs), len(ys))):
+            cx = xs[j] if j < len(xs) else ZERO_ID
+            cy = ys[j] if j < len(ys) else ZERO_ID
+            if level == 0:
+                if cx != cy:
+                    yield base + j
+            else:
+                yield from rec(cx, cy, level - 1, base + j * span)
+
+    yield from (i for i in rec(a.root, b.root, a.height - 1, 0) if i < total)
+
+
+def runs(indexes: Iterator[int]) -> Iterator[tuple[int, int]]:
+    """Coalesce increasing indexes into (first, count) runs."""
+    first = prev = -2
+    for i in indexes:
+        if i != prev + 1:
+            if first >= 0:
+                yield first, prev - first + 1
+            first = i
+        prev = i
+    if first >= 0:
+        yield first, prev - first + 1

@@ -1,0 +1,106 @@
+"""dingyuan backup | restore."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..repository.backup import backup as run_backup
+from ..repository.manifest import CONSISTENCY_LEVELS
+from ..repository.restore import restore as run_restore
+from .common import emit_json, human_bytes, json_option, open_repo, parse_size, progress_bar, repo_options
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"label {pair!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--volume", required=True, help="Volume name (one protected disk of a host).")
+@click.option("--host", default=None, help="Host name [default: this machine's].")
+@click.option(
+    "--chunk-size", default=None, help="Chunk size, power of two 4K..4M [default 64K, or the volume's]."
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label the snapshot (repeatable)."
+)
+@click.option("--consistency", type=click.Choice(CONSISTENCY_LEVELS), default="crash", show_default=True)
+@repo_options
+@json_option
+def backup(
+    source: str,
+    volume: str,
+    host: str | None,
+    chunk_size: str | None,
+    labels: tuple[str, ...],
+    consistency: str,
+    repo_path: str | None,
+    passphrase_file: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Back up SOURCE (a disk-image file or block device) as a new snapshot of a volume.
+
+    The first backup of a volume reads everything; later ones hash every chunk and store only
+    chunks the repository lacks.
+    """
+    repo = open_repo(repo_path, passphrase_file, cache_dir)
+    with progress_bar(f"backup {volume}", not as_json) as progress:
+        result = run_backup(
+            repo,
+            source,
+            volume,
+            host=host or socket.gethostname(),
+            chunk_size=parse_size(chunk_size) if chunk_size else None,
+            labels=_labels(labels),
+            consistency=consistency,
+            progress=progress,
+        )
+    snap = result.snapshot
+    if as_json:
+        emit_json(snap.summary())
+        return
+    rate = result.bytes_scanned / max(result.seconds, 1e-9)
+    click.echo(
+        f"snapshot {snap.id[:12]} of {snap.host}:{snap.volume} saved "
+        f"({human_bytes(snap.size)} volume, {result.chunks_new} new chunks, "
+        f"{human_bytes(result.bytes_new)} new data, {human_bytes(result.bytes_stored)} stored, "
+        f"{result.seconds:.1f} s, {human_bytes(rate)}/s)"
+    )
+
+
+@click.command()
+@click.argument("snapshot")
+@click.argument("target", type=click.Path(dir_okay=False))
+@repo_options
+@json_option
+def restore(
+    snapshot: str,
+    target: str,
+    repo_path: str | None,
+    passphrase_file: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Restore SNAPSHOT (id, unique id prefix or VOLUME@latest) to TARGET (file or block device).
+
+    Every chunk is verified against its id before it is written; holes stay holes in files.
+    """
+    repo = open_repo(repo_path, passphrase_file, cache_dir)
+    snap = repo.resolve(snapshot)
+    with progress_bar(f"restore {snap.id[:12]}", not as_json) as progress:
+        written = run_restore(repo, snap, target, progress=progress)
+    if as_json:
+        emit_json({"snapshot": snap.id, "target": target, "size": snap.size, "bytes_written": written})
+    else:
+        click.echo(f"restored snapshot {snap.id[:12]} ({human_bytes(snap.size)}) to {target}, verified")
