@@ -29,7 +29,7 @@ from ..repository.backends.local import LocalBackend
 from ..repository.repo import Repository, default_cache_dir
 
 err_console = Console(stderr=True)
-out_console = Console()
+out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -41,7 +41,7 @@ MIN_CHUNK = 4 << 10
 MAX_CHUNK = 4 << 20
 BATCH_BYTES = 4 << 20
 INFLIGHT = 4
-COMPRESS_LEVEL = 3
+COMPRESS_LEVEL = 1
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -126,8 +126,15 @@ class _Worker:
         self.repo = repo
         self.writer = writer
         self.cs = cs
-        self.zero = bytes(cs)
+        self.zero_ids: dict[int, bytes] = {}
         self.local = threading.local()
+
+    def zero_id(self, n: int) -> bytes:
+        """Id of an all-zero chunk of ``n`` bytes: comparing ids spares a copy per chunk."""
+        zid = self.zero_ids.get(n)
+        if zid is None:
+            zid = self.zero_ids[n] = self.repo.cipher.blob_id(bytes(n))
+        return zid
 
     def __call__(
         self, buf: memoryview, parent_ids: list[bytes] | None
@@ -141,10 +148,10 @@ class _Worker:
         ids: list[bytes] = []
         candidates: list[bytes] = []
         for k, piece in enumerate(pieces):
-            if piece.tobytes() == self.zero[: len(piece)]:
+            bid = cipher.blob_id(piece)
+            if bid == self.zero_id(len(piece)):
                 ids.append(ZERO_ID)
                 continue
-            bid = cipher.blob_id(piece)
             ids.append(bid)
             if parent_ids is None or parent_ids[k] != bid:
                 candidates.append(bid)

@@ -88,7 +88,7 @@ class IndexCache:
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA cache_size=-8000")  # 8 MiB page cache per connection
+            conn.execute("PRAGMA cache_size=-2000")  # 2 MiB page cache per connection (thread)
             self._local.conn = conn
         return conn
 

@@ -125,9 +125,9 @@ def _sweep(repo: Repository, report: GcReport) -> None:
     def ship() -> None:
         nonlocal builder
         if builder.entries:
-            pack, data, entries = builder.finish(repo)
-            repo.backend.put(pack_name(pack), data)
-            new_refs.append(PackRef(pack, len(data), entries))
+            pack, parts, entries = builder.finish(repo)
+            repo.backend.put(pack_name(pack), parts)
+            new_refs.append(PackRef(pack, builder.size, entries))
         builder = PackBuilder()
 
     sizes = repo.cache.pack_sizes()

@@ -13,6 +13,7 @@ from types import TracebackType
 
 import blake3
 
+from .backends.base import Buffer, data_len
 from .format import (
     PACK_END_MAGIC,
     PACK_HEADER,
@@ -32,25 +33,28 @@ INDEX_EVERY = 32  # packs per index object while a long backup runs
 
 
 class PackBuilder:
-    """Accumulate sealed blobs into one pack: header | blobs | sealed TOC | trailer."""
+    """Assemble one pack, header | blobs | sealed TOC | trailer, as a list of parts (no copies)."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = [PACK_HEADER.pack(PACK_MAGIC)]
+        self.parts: list[Buffer] = [PACK_HEADER.pack(PACK_MAGIC)]
         self.size = PACK_HEADER.size
         self.entries: list[BlobEntry] = []
 
-    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: bytes) -> None:
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None:
         self.entries.append(BlobEntry(bid, btype, codec, raw_length, self.size, len(stored)))
         self.parts.append(stored)
         self.size += len(stored)
 
-    def finish(self, repo: Repository) -> tuple[bytes, bytes, list[BlobEntry]]:
+    def finish(self, repo: Repository) -> tuple[bytes, list[Buffer], list[BlobEntry]]:
+        """Seal the TOC; returns (pack id, the pack's parts, entries)."""
         toc = repo.cipher.seal(TOC_MAGIC, encode_toc(self.entries))
         self.parts.append(toc)
         self.parts.append(PACK_TRAILER.pack(len(toc), PACK_END_MAGIC))
-        data = b"".join(self.parts)
-        self.parts = []
-        return blake3.blake3(data).digest(), data, self.entries
+        self.size += len(toc) + PACK_TRAILER.size
+        hasher = blake3.blake3()
+        for part in self.parts:
+            hasher.update(part)
+        return hasher.digest(), self.parts, self.entries
 
 
 class BlobWriter:
@@ -65,7 +69,8 @@ class BlobWriter:
         self._claimed: set[bytes] = set()
         self._claim_lock = threading.Lock()
         self._builder: PackBuilder | None = None
-        self._queue: queue.Queue[tuple[bytes, bytes, list[BlobEntry]] | None] = queue.Queue(maxsize=1)
+        # at most three packs in memory: one being filled, one queued, one being uploaded
+        self._queue: queue.Queue[tuple[bytes, list[Buffer], list[BlobEntry]] | None] = queue.Queue(maxsize=1)
         self._durable: list[PackRef] = []
         self._durable_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -89,7 +94,7 @@ class BlobWriter:
         return not self.repo.cache.has(bid) and self.claim(bid)
 
     # writing ---------------------------------------------------------------------------------
-    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: bytes) -> None:
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None:
         self._raise_error()
         if self._builder is None:
             self._builder = PackBuilder()
@@ -114,11 +119,11 @@ class BlobWriter:
             try:
                 if item is None:
                     return
+                pack, parts, entries = item
                 if self._error is None:
-                    pack, data, entries = item
-                    self.repo.backend.put(pack_name(pack), data)
+                    self.repo.backend.put(pack_name(pack), parts)
                     with self._durable_lock:
-                        self._durable.append(PackRef(pack, len(data), entries))
+                        self._durable.append(PackRef(pack, data_len(parts), entries))
                         self.packs_written += 1
             except BaseException as e:  # handed to the caller's thread
                 self._error = e

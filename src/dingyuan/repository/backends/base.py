@@ -4,7 +4,8 @@ Contract (every backend, checked by ``tests/unit/test_backend_conformance.py``):
 
 * Names are ``/``-separated relative paths of ASCII letters, digits, ``-``, ``_`` and ``.``;
   no empty components, no ``..``. Backends may map them to files, keys or rows.
-* ``put`` replaces an object atomically: a reader sees the old or the new bytes, never a mix,
+* ``put`` takes the bytes as one buffer or as a list of buffers (parts, written in order:
+  packs are assembled without copying); it replaces an object atomically: a reader sees the old or the new bytes, never a mix,
   and when ``put`` returns the object is durable (a later crash does not lose it).
 * ``create`` is ``put`` that fails with :class:`~dingyuan.errors.ObjectExists` if the name
   exists, atomically (two concurrent ``create`` calls: exactly one wins).
@@ -29,6 +30,19 @@ from collections.abc import Iterator
 
 from ...errors import UsageError
 
+Buffer = bytes | bytearray | memoryview
+Data = Buffer | list[Buffer]
+
+
+def joined(data: Data) -> bytes:
+    """The object's bytes as one ``bytes`` (for backends that cannot write parts)."""
+    return b"".join(data) if isinstance(data, list) else bytes(data)
+
+
+def data_len(data: Data) -> int:
+    return sum(len(p) for p in data) if isinstance(data, list) else len(data)
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 
@@ -46,11 +60,11 @@ class Backend(ABC):
     location: str = ""
 
     @abstractmethod
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: Data) -> None:
         """Store ``data`` under ``name`` atomically and durably, replacing any old object."""
 
     @abstractmethod
-    def create(self, name: str, data: bytes | memoryview) -> None:
+    def create(self, name: str, data: Data) -> None:
         """Like :meth:`put`, but raise ObjectExists if ``name`` already exists."""
 
     @abstractmethod

@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from .base import Backend, check_name
+from .base import Backend, Data, check_name
 from .local import storage_error
 
 
@@ -35,11 +35,11 @@ class FaultyBackend(Backend):
         if failing:
             raise storage_error(name, OSError(self.errno, os.strerror(self.errno), name))
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: Data) -> None:
         self._count(name)
         self.inner.put(name, data)
 
-    def create(self, name: str, data: bytes | memoryview) -> None:
+    def create(self, name: str, data: Data) -> None:
         self._count(name)
         self.inner.create(name, data)
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from ...errors import ObjectExists, ObjectNotFound, StorageIOError, UsageError
-from .base import Backend, check_name
+from .base import Backend, Data, check_name, joined
 from .local import check_prefix
 
 
@@ -18,15 +18,15 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self.location = f"memory:{id(self):x}"
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: Data) -> None:
         check_name(name)
-        value = bytes(data)
+        value = joined(data)
         with self._lock:
             self.objects[name] = value
 
-    def create(self, name: str, data: bytes | memoryview) -> None:
+    def create(self, name: str, data: Data) -> None:
         check_name(name)
-        value = bytes(data)
+        value = joined(data)
         with self._lock:
             if name in self.objects:
                 raise ObjectExists(name=name)
