@@ -82,11 +82,17 @@ def backup(
 @click.command()
 @click.argument("snapshot")
 @click.argument("target", type=click.Path(dir_okay=False))
+@click.option(
+    "--no-fsync",
+    is_flag=True,
+    help="Leave the written data in the page cache instead of flushing it to disk at the end.",
+)
 @repo_options
 @json_option
 def restore(
     snapshot: str,
     target: str,
+    no_fsync: bool,
     repo_path: str | None,
     passphrase_file: Path | None,
     cache_dir: Path | None,
@@ -99,8 +105,11 @@ def restore(
     repo = open_repo(repo_path, passphrase_file, cache_dir)
     snap = repo.resolve(snapshot)
     with progress_bar(f"restore {snap.id[:12]}", not as_json) as progress:
-        written = run_restore(repo, snap, target, progress=progress)
+        written = run_restore(repo, snap, target, progress=progress, fsync=not no_fsync)
     if as_json:
         emit_json({"snapshot": snap.id, "target": target, "size": snap.size, "bytes_written": written})
     else:
-        click.echo(f"restored snapshot {snap.id[:12]} ({human_bytes(snap.size)}) to {target}, verified")
+        flushed = "not flushed (--no-fsync)" if no_fsync else "flushed to disk"
+        click.echo(
+            f"restored snapshot {snap.id[:12]} ({human_bytes(snap.size)}) to {target}, verified, {flushed}"
+        )

@@ -31,6 +31,7 @@ from datetime import datetime
 import zstandard
 
 from ..errors import SourceError, UsageError
+from .backends.base import Buffer
 from .format import ZERO_ID, BlobType, Codec, encode_tree_node
 from .manifest import CONSISTENCY_LEVELS, Snapshot, utcnow
 from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_FANOUT, Repository
@@ -122,8 +123,10 @@ def chunk_batches(fd: int, size: int, cs: int, per_batch: int) -> Iterator[tuple
 class _Worker:
     """Per-batch work, run in a thread pool (BLAKE3, zstd and AES release the GIL)."""
 
-    def __init__(self, repo: Repository, writer: BlobWriter, cs: int) -> None:
+    def __init__(self, repo: Repository, writer: BlobWriter, fd: int, source: str, cs: int) -> None:
         self.repo = repo
+        self.fd = fd
+        self.source = source
         self.writer = writer
         self.cs = cs
         self.zero_ids: dict[int, bytes] = {}
@@ -137,8 +140,16 @@ class _Worker:
         return zid
 
     def __call__(
-        self, buf: memoryview, parent_ids: list[bytes] | None
-    ) -> list[tuple[bytes, Codec, int, bytes | None]]:
+        self, buf: memoryview, offset: int, parent_ids: list[bytes] | None
+    ) -> list[tuple[bytes, Codec, int, Buffer | None]]:
+        try:  # reading here, in the worker, spreads the copy out of the page cache over the cores
+            got = os.preadv(self.fd, [buf], offset)
+        except OSError as e:
+            raise SourceError(source=self.source, detail=f"at offset {offset}: {e.strerror}") from None
+        if got != len(buf):
+            raise SourceError(
+                source=self.source, detail=f"short read at offset {offset}: did its size change?"
+            )
         zc: zstandard.ZstdCompressor | None = getattr(self.local, "zc", None)
         if zc is None:
             zc = self.local.zc = zstandard.ZstdCompressor(level=COMPRESS_LEVEL, write_content_size=False)
@@ -156,7 +167,7 @@ class _Worker:
             if parent_ids is None or parent_ids[k] != bid:
                 candidates.append(bid)
         fresh = set(candidates) - self.repo.cache.present(candidates) if candidates else set()
-        out: list[tuple[bytes, Codec, int, bytes | None]] = []
+        out: list[tuple[bytes, Codec, int, Buffer | None]] = []
         for bid, piece in zip(ids, pieces, strict=True):
             n = len(piece)
             if bid not in fresh or not self.writer.claim(bid):
@@ -244,9 +255,9 @@ def _run(
             return nid
 
         builder = TreeBuilder(fanout, nchunks, store_node)
-        work = _Worker(repo, writer, cs)
+        work = _Worker(repo, writer, fd, source, cs)
         per_batch = max(1, BATCH_BYTES // cs)
-        inflight: deque[tuple[int, Future[list[tuple[bytes, Codec, int, bytes | None]]]]] = deque()
+        inflight: deque[tuple[int, Future[list[tuple[bytes, Codec, int, Buffer | None]]]]] = deque()
 
         def consume() -> None:
             nonlocal chunks_new, bytes_new
@@ -267,14 +278,8 @@ def _run(
                 offset = first * cs
                 length = min(count * cs, size - offset)
                 buf = buffers[n % len(buffers)][:length]  # free again: at most INFLIGHT in use
-                try:
-                    got = os.preadv(fd, [buf], offset)
-                except OSError as e:
-                    raise SourceError(source=source, detail=f"at offset {offset}: {e.strerror}") from None
-                if got != length:
-                    raise SourceError(source=source, detail=f"short read at offset {offset}: changed size?")
                 pids = preader.ids_range(first, count) if preader else None
-                inflight.append((first, pool.submit(work, buf, pids)))
+                inflight.append((first, pool.submit(work, buf, offset, pids)))
                 if len(inflight) >= INFLIGHT:
                     consume()
             while inflight:

@@ -95,8 +95,12 @@ def restore(
     target: str,
     progress: Progress | None = None,
     workers: int = 2,
+    fsync: bool = True,
 ) -> int:
-    """Restore ``snap`` to ``target``; returns the number of bytes written."""
+    """Restore ``snap`` to ``target``; returns the number of bytes written.
+
+    With ``fsync`` (the default) the target is flushed to stable storage before returning.
+    """
     repo.sync_index()
     fd, sparse = open_target(target, snap.size)
     cs = snap.chunk_size
@@ -155,7 +159,8 @@ def restore(
                     progress(written, snap.size)
         if not sparse:
             _write_zeros(fd, done_to, snap.size)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     except OSError as e:
         raise RestoreTargetError(target=target, detail=e.strerror or str(e)) from None
     finally:

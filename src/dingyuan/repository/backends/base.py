@@ -5,8 +5,9 @@ Contract (every backend, checked by ``tests/unit/test_backend_conformance.py``):
 * Names are ``/``-separated relative paths of ASCII letters, digits, ``-``, ``_`` and ``.``;
   no empty components, no ``..``. Backends may map them to files, keys or rows.
 * ``put`` takes the bytes as one buffer or as a list of buffers (parts, written in order:
-  packs are assembled without copying); it replaces an object atomically: a reader sees the old or the new bytes, never a mix,
-  and when ``put`` returns the object is durable (a later crash does not lose it).
+  packs are assembled without copying). It replaces an object atomically: a reader sees the
+  old or the new bytes, never a mix, and when ``put`` returns the object is durable (a later
+  crash does not lose it).
 * ``create`` is ``put`` that fails with :class:`~dingyuan.errors.ObjectExists` if the name
   exists, atomically (two concurrent ``create`` calls: exactly one wins).
 * ``get``/``get_range`` raise :class:`~dingyuan.errors.ObjectNotFound` for a missing object.
