@@ -333,11 +333,6 @@ def test_manifest_fuzzed_raises_only_dingyuan_errors(key: str, value: object, mu
             Snapshot.from_doc(whole, "m")  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Snapshot.from_doc lets OverflowError escape for a non-finite size "
-    "(int(float('inf'))); it should raise CorruptObject like every other malformed field",
-)
 def test_manifest_with_infinite_size_is_corrupt() -> None:
     with pytest.raises(CorruptObject):
         Snapshot.from_doc(manifest_doc(size=math.inf), "m")

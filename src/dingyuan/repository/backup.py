@@ -18,13 +18,11 @@ import errno
 import os
 import socket
 import stat
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,6 +33,7 @@ from .backends.base import Buffer
 from .format import ZERO_ID, BlobType, Codec, encode_tree_node
 from .manifest import CONSISTENCY_LEVELS, Snapshot, utcnow
 from .repo import DEFAULT_CHUNK_SIZE, DEFAULT_FANOUT, Repository
+from .threads import responsive_threads
 from .tree import TreeBuilder, TreeReader
 from .writer import BlobWriter
 
@@ -45,21 +44,6 @@ INFLIGHT = 4
 COMPRESS_LEVEL = 1
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-
-
-@contextmanager
-def responsive_threads() -> Iterator[None]:
-    """Hand the GIL over sooner while worker threads alternate between Python and C calls.
-
-    The pipelines keep short Python steps between long GIL-free C calls (BLAKE3, zstd, I/O); with
-    the default 5 ms switch interval a worker returning from C waits behind the main thread.
-    """
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def check_chunk_size(size: int) -> int:
@@ -220,7 +204,7 @@ def backup(
                 "chunks_new": stats[0],
                 "bytes_new": stats[1],
                 "bytes_stored": stats[2],
-                "seconds": round(time.monotonic() - t0, 3),
+                "milliseconds": int((time.monotonic() - t0) * 1000),
             }
             repo.save_snapshot(snap)
     finally:

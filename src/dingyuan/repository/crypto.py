@@ -88,6 +88,8 @@ def wrap_master_key(master: bytes, passphrase: bytes | None, params: KdfParams) 
 def unwrap_master_key(doc: dict[str, Any], passphrase: bytes | None, name: str) -> bytes:
     """Return the master key of a key object, or raise WrongPassphrase."""
     try:
+        if not isinstance(doc, dict):
+            raise CorruptObject(name=name, detail="key object is not a JSON object")
         if doc.get("version") != 1:
             raise UnsupportedFormat(what=name, detail=f"key version {doc.get('version')}")
         if doc["kdf"] == "none":

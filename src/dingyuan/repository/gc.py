@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import CorruptObject
 from .format import ZERO_ID, BlobType, PackRef, pack_name
 from .repo import Repository
 from .writer import PackBuilder
@@ -75,7 +76,13 @@ class _Refs:
 def gc(repo: Repository) -> GcReport:
     report = GcReport()
     with repo.lock(exclusive=True, purpose="gc"):
-        repo.sync_index()
+        unreadable = repo.sync_index()
+        if unreadable:
+            raise CorruptObject(
+                name=unreadable[0],
+                detail=f"{len(unreadable)} index object(s) unreadable; gc refuses to run, since it could "
+                "delete data only they describe",
+            )
         repo.recover_packs(delete_useless=True)
         snaps = {s.id: s for s in repo.snapshots()}
         cache = repo.cache

@@ -12,12 +12,14 @@ Which operations lock against which:
 operation      takes       conflicts
 =============  ==========  ==========
 backup         shared      gc
-gc, recovery   exclusive   everything
-list, restore  none        --
+restore        shared      gc
+verify         shared      gc
+gc             exclusive   everything
+list, show     none        --
 =============  ==========  ==========
 
-Readers need no lock: objects are immutable and gc removes data only after no snapshot refers
-to it.
+Restore and verify take a shared lock because gc rewrites packs (a live blob moves to a new
+pack). Listing needs no lock: manifests are only created or replaced atomically.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -72,9 +75,12 @@ class RepoLock:
 
     @staticmethod
     def is_stale(doc: dict[str, Any], now: float) -> bool:
-        if doc.get("host") == socket.gethostname() and not _alive(int(doc.get("pid", 0))):
-            return True
-        return now - float(doc.get("time", 0)) > STALE_AFTER
+        try:
+            if doc.get("host") == socket.gethostname() and not _alive(int(doc.get("pid", 0))):
+                return True
+            return now - float(doc.get("time", 0)) > STALE_AFTER
+        except (TypeError, ValueError):
+            return True  # not a lock record we wrote
 
     def _conflict(self) -> dict[str, Any] | None:
         now = time.time()
@@ -85,8 +91,10 @@ class RepoLock:
                 doc = json.loads(self.backend.get(name))
             except ObjectNotFound:
                 continue
-            except (ValueError, StorageError):
-                doc = {}
+            except StorageError:  # cannot tell: assume it is held
+                return {"purpose": "unknown (unreadable lock)", "exclusive": True}
+            except ValueError:
+                doc = None  # not a lock record: garbage
             if not isinstance(doc, dict) or self.is_stale(doc, now):
                 self.backend.delete(name)
                 continue
@@ -107,7 +115,7 @@ class RepoLock:
                     holder=f"{holder.get('purpose', '?')} on {holder.get('host')} pid {holder.get('pid')}",
                     detail="exclusive" if holder.get("exclusive") else "shared",
                 )
-            time.sleep(0.2)
+            time.sleep(random.uniform(0.1, 0.4))  # jitter: two contenders do not collide forever
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True)
         self._thread.start()
 

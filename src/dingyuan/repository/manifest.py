@@ -127,7 +127,7 @@ class Snapshot:
                 annotations=dict(mut.get("annotations", {})),
                 id=doc.get("id", ""),
             )
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptObject(name=name, detail=f"malformed manifest: {e}") from None
 
 

@@ -149,18 +149,24 @@ class Repository:
             config = json.loads(raw)
         except ValueError as e:
             raise CorruptObject(name="config", detail=str(e)) from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
+        if not isinstance(config, dict):
+            raise CorruptObject(name="config", detail="not a JSON object")
+        if config.get("format") != FORMAT_VERSION:
             raise UnsupportedFormat(what="config", detail=f"format {config.get('format')!r}")
-        encrypted = config.get("encryption") != "none"
+        if config.get("encryption") not in ENCRYPTIONS:
+            raise UnsupportedFormat(what="config", detail=f"encryption {config.get('encryption')!r}")
+        encrypted = config["encryption"] != "none"
         if encrypted and passphrase is None:
             raise PassphraseRequired()
         master = None
         for name, _ in sorted(backend.list("keys/")):
             try:
                 doc = json.loads(backend.get(name))
+                if encrypted and isinstance(doc, dict) and doc.get("kdf") == "none":
+                    continue  # a clear key cannot open an encrypted repository: planted or wrong
                 master = unwrap_master_key(doc, passphrase, name)
                 break
-            except WrongPassphrase:
+            except (WrongPassphrase, UnsupportedFormat):
                 continue
             except ValueError as e:
                 raise CorruptObject(name=name, detail=str(e)) from None
@@ -270,19 +276,25 @@ class Repository:
             raise CorruptObject(name=name, detail="content does not match its name")
         return decode_index(self.cipher.unseal(INDEX_MAGIC, sealed, name), name)
 
-    def sync_index(self) -> None:
-        """Bring the cache's index up to date with the repository's index objects."""
+    def sync_index(self) -> list[str]:
+        """Bring the cache's index up to date with the repository's index objects.
+
+        Returns the names of index objects that could not be read (their blobs count as missing).
+        """
         names = {n for n, _ in self.backend.list("index/")}
         known = self.cache.index_files()
         if known - names:
             self.cache.clear_index()
             known = set()
+        unreadable = []
         for name in sorted(names - known):
             try:
                 packs = self.read_index(name)
             except (CorruptObject, UnsupportedFormat, ObjectNotFound):
-                continue  # its blobs count as missing; 'dingyuan verify' reports it
+                unreadable.append(name)  # 'dingyuan verify' reports it
+                continue
             self.cache.add_index(name, packs)
+        return unreadable
 
     # snapshots -------------------------------------------------------------------------------
     def snapshot_id(self, snap: Snapshot) -> str:
@@ -315,6 +327,10 @@ class Repository:
         """Rewrite the mutable part (retention lock, annotations); the id does not change."""
         if self.snapshot_id(snap) != snap.id:
             raise UsageError("the immutable part of a snapshot cannot change")
+        current = self.read_snapshot(snap.id)
+        until = current.retention_until
+        if until is not None and until > utcnow() and (snap.retention_until or until) < until:
+            raise RetentionLocked(snapshot=snap.id[:12], until=until.isoformat())
         self.backend.put(snapshot_name(snap.id), self._encode_manifest(snap))
         self._cache_snapshots([snap])
 

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import MissingObject, ObjectNotFound, RestoreTargetError
-from .backup import responsive_threads
 from .cache import Location
 from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
 from .repo import Repository
+from .threads import responsive_threads
 
 MAX_RUN = 8 << 20  # bytes per ranged read
 INFLIGHT = 6
@@ -101,7 +101,14 @@ def restore(
 
     With ``fsync`` (the default) the target is flushed to stable storage before returning.
     """
-    repo.sync_index()
+    with repo.lock(exclusive=False, purpose=f"restore {snap.id[:12]}"):
+        repo.sync_index()
+        return _restore(repo, snap, target, progress, workers, fsync)
+
+
+def _restore(
+    repo: Repository, snap: Snapshot, target: str, progress: Progress | None, workers: int, fsync: bool
+) -> int:
     fd, sparse = open_target(target, snap.size)
     cs = snap.chunk_size
     written = 0

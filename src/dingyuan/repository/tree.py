@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from ..errors import CorruptObject
 from .format import ZERO_ID
 
 StoreNode = Callable[[int, list[bytes]], bytes]
@@ -93,10 +94,12 @@ class TreeReader:
 
     def _walk(self, node: bytes, level: int, base: int) -> Iterator[tuple[int, list[bytes]]]:
         ids = self.load(node, level)
+        span = self.fanout**level
+        if len(ids) > self.fanout or (ids and base + (len(ids) - 1) * span >= self.nchunks):
+            raise CorruptObject(name=f"tree node {node.hex()[:16]}", detail="shape does not fit the volume")
         if level == 0:
             yield base, ids
             return
-        span = self.fanout**level
         for j, child in enumerate(ids):
             if child != ZERO_ID:
                 yield from self._walk(child, level - 1, base + j * span)

@@ -61,6 +61,11 @@ class VerifyReport:
 def verify(
     repo: Repository, read_data: bool = False, subset: float = 100.0, progress: Progress | None = None
 ) -> VerifyReport:
+    with repo.lock(exclusive=False, purpose="verify"):
+        return _verify(repo, read_data, subset, progress)
+
+
+def _verify(repo: Repository, read_data: bool, subset: float, progress: Progress | None) -> VerifyReport:
     report = VerifyReport()
     bad: set[bytes] = set()
 
