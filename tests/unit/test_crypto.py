@@ -303,12 +303,6 @@ def test_unreadable_config(repo: Repository, tmp_path: Path, raw: bytes) -> None
         reopen(repo, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Repository.open formats its UnsupportedFormat message with config.get() even when the "
-    "config JSON is not an object, so a config holding [], null, a number or a string raises "
-    "AttributeError; format.md section 14 says such a config is corrupt (CorruptObject)",
-)
 @pytest.mark.parametrize("raw", [b"[]", b"null", b"42", b'"config"'])
 def test_non_object_config_is_corrupt(repo: Repository, tmp_path: Path, raw: bytes) -> None:
     memory(repo).objects["config"] = raw
@@ -316,38 +310,69 @@ def test_non_object_config_is_corrupt(repo: Repository, tmp_path: Path, raw: byt
         reopen(repo, tmp_path)
 
 
+def only_key(repo: Repository) -> str:
+    [name] = [n for n in memory(repo).objects if n.startswith("keys/")]
+    return name
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         b"{not json",
-        b"{}",
+        b"[]",
+        b"42",
+        b'"key"',
         b'{"version": 1, "kdf": "argon2id"}',
         b'{"version": 1, "kdf": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1}',
-        b'{"version": 2}',
-        b'{"version": 1, "kdf": "x"}',
-        b'{"version": 1, "kdf": "none", "key": "not base64!"}',
-        b'{"version": 1, "kdf": "none", "key": "AAAA"}',
+        b'{"version": 1, "kdf": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1, '
+        b'"salt": "!!", "nonce": "AAAAAAAAAAAAAAAA", "key": "AAAA"}',
     ],
 )
-def test_unreadable_key_object(repo: Repository, tmp_path: Path, raw: bytes) -> None:
+def test_corrupt_key_object(repo: Repository, tmp_path: Path, raw: bytes) -> None:
+    memory(repo).objects[only_key(repo)] = raw
+    with pytest.raises(CorruptObject):
+        reopen(repo, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["not base64!", "AAAA"])
+def test_corrupt_clear_key(tmp_path: Path, key: str) -> None:
+    r = new_repo(MemoryBackend(), tmp_path / "c1", encryption="none")
+    memory(r).objects[only_key(r)] = json.dumps({"version": 1, "kdf": "none", "key": key}).encode()
+    with pytest.raises(CorruptObject):
+        Repository.open(r.backend, None, cache_dir=tmp_path / "c2")
+    r.close()
+
+
+def test_a_planted_clear_key_does_not_open_an_encrypted_repository(repo: Repository, tmp_path: Path) -> None:
+    from dingyuan.repository.crypto import wrap_master_key
+
     be = memory(repo)
-    [name] = [n for n in be.objects if n.startswith("keys/")]
-    be.objects[name] = raw
-    with pytest.raises((CorruptObject, UnsupportedFormat)):
+    planted = json.dumps(wrap_master_key(os.urandom(64), None, KDF)).encode()
+    be.objects["keys/0000-planted"] = planted  # sorts before the real key
+    other = reopen(repo, tmp_path)
+    assert other.cipher.enc_key == repo.cipher.enc_key
+    other.close()
+    real = [n for n in be.objects if n.startswith("keys/") and n != "keys/0000-planted"]
+    for n in real:
+        del be.objects[n]
+    with pytest.raises(WrongPassphrase):
         reopen(repo, tmp_path)
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: unwrap_master_key calls doc.get() on the parsed key object without checking it is a "
-    "JSON object; a key object holding [] or a number raises AttributeError instead of CorruptObject",
+    reason="BUG (spec deviation, format.md section 14): when the only key object has an unsupported "
+    "version or kdf, Repository.open skips it and reports WrongPassphrase, telling the user their "
+    "passphrase is wrong instead of that the key was written by a newer dingyuan (UnsupportedFormat)",
 )
-@pytest.mark.parametrize("raw", [b"[]", b"42", b'"key"'])
-def test_non_object_key_raises_a_repository_error(repo: Repository, tmp_path: Path, raw: bytes) -> None:
-    be = memory(repo)
-    [name] = [n for n in be.objects if n.startswith("keys/")]
-    be.objects[name] = raw
-    with pytest.raises(CorruptObject):
+@pytest.mark.parametrize(
+    "doc", [{"version": 2, "kdf": "argon2id"}, {"version": 1, "kdf": "scrypt"}], ids=["version", "kdf"]
+)
+def test_an_unsupported_key_object_is_reported_as_unsupported(
+    repo: Repository, tmp_path: Path, doc: dict[str, object]
+) -> None:
+    memory(repo).objects[only_key(repo)] = json.dumps(doc).encode()
+    with pytest.raises(UnsupportedFormat):
         reopen(repo, tmp_path)
 
 

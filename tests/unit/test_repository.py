@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -312,6 +311,48 @@ def test_retention_lock_blocks_deletion(repo: Repository, tmp_path: Path) -> Non
     assert repo.snapshots() == []
 
 
+def test_retention_locks_only_extend(repo: Repository) -> None:
+    snap = repo.save_snapshot(empty_snapshot("vol", "h", T0))
+    until = utcnow() + timedelta(days=7)
+    snap.retention_until = until
+    repo.update_snapshot(snap)
+    for shorter in (utcnow() + timedelta(days=1), utcnow() - timedelta(days=1)):
+        snap.retention_until = shorter
+        with pytest.raises(RetentionLocked):
+            repo.update_snapshot(snap)
+        assert repo.read_snapshot(snap.id).retention_until == until
+    snap.retention_until = until + timedelta(days=1)
+    snap.annotations = {"drill": "passed"}
+    repo.update_snapshot(snap)
+    stored = repo.read_snapshot(snap.id)
+    assert stored.retention_until == until + timedelta(days=1) and stored.annotations == {"drill": "passed"}
+    # annotations can change while the lock holds, as long as the lock is kept
+    snap.annotations = {}
+    repo.update_snapshot(snap)
+    assert repo.read_snapshot(snap.id).annotations == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Repository.update_snapshot compares (snap.retention_until or until) < until, so "
+    "retention_until=None passes the 'only extend' check and is written: an active retention lock "
+    "is removed and delete_snapshot then succeeds",
+)
+def test_retention_lock_cannot_be_cleared(repo: Repository) -> None:
+    snap = repo.save_snapshot(empty_snapshot("vol", "h", T0))
+    until = utcnow() + timedelta(days=7)
+    snap.retention_until = until
+    repo.update_snapshot(snap)
+    snap.retention_until = None
+    try:
+        with pytest.raises(RetentionLocked):
+            repo.update_snapshot(snap)
+    finally:
+        assert repo.read_snapshot(snap.id).retention_until == until
+        with pytest.raises(RetentionLocked):
+            repo.delete_snapshot(snap)
+
+
 def test_update_snapshot_cannot_change_the_core(repo: Repository) -> None:
     snap = repo.save_snapshot(empty_snapshot("vol", "h", T0))
     snap.labels = {"sneaky": "change"}
@@ -403,14 +444,30 @@ def test_backup_holds_a_shared_lock_only_while_running(repo: Repository, tmp_pat
             lk.acquire()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RepoLock.is_stale calls int(doc['pid']) / float(doc['time']) unguarded, so a lock object "
-    "with a non-numeric pid or time makes every lock attempt fail with ValueError/TypeError instead of "
-    "treating the lock as stale (as it does for unparseable JSON) or raising a repository error",
-)
+def test_an_exclusive_lock_keeps_backup_and_restore_out(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = tmp_path / "img"
+    random_file(img, 20_000)
+    snap = backup(repo, str(img), "vol", chunk_size=4096).snapshot
+
+    def quick_lock(self: Repository, exclusive: bool, purpose: str, wait: float = 10.0) -> RepoLock:
+        return RepoLock(self.backend, exclusive, purpose, min(wait, 0.3))
+
+    monkeypatch.setattr(Repository, "lock", quick_lock)
+    with repo.lock(exclusive=True, purpose="gc"):
+        with pytest.raises(LockedError):
+            backup(repo, str(img), "vol")
+        with pytest.raises(LockedError):
+            restore(repo, snap, str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists(), "the target must not be touched before the lock is held"
+    assert [s.id for s in repo.snapshots()] == [snap.id]
+    restore(repo, snap, str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == img.read_bytes()
+
+
 @pytest.mark.parametrize("fields", [{"pid": "abc"}, {"time": None}], ids=["pid", "time"])
-def test_a_malformed_lock_record_does_not_crash_locking(repo: Repository, fields: dict[str, object]) -> None:
+def test_a_malformed_lock_record_is_stale(repo: Repository, fields: dict[str, object]) -> None:
     repo.backend.create("locks/malformed", lock_doc(**fields))
-    with contextlib.suppress(LockedError):
-        repo.lock(exclusive=True, purpose="gc", wait=0.3).acquire()
+    with repo.lock(exclusive=True, purpose="gc", wait=0.3) as lk:
+        assert [n for n, _ in repo.backend.list("locks/")] == [lk.name]
