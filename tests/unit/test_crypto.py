@@ -359,12 +359,6 @@ def test_a_planted_clear_key_does_not_open_an_encrypted_repository(repo: Reposit
         reopen(repo, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (spec deviation, format.md section 14): when the only key object has an unsupported "
-    "version or kdf, Repository.open skips it and reports WrongPassphrase, telling the user their "
-    "passphrase is wrong instead of that the key was written by a newer dingyuan (UnsupportedFormat)",
-)
 @pytest.mark.parametrize(
     "doc", [{"version": 2, "kdf": "argon2id"}, {"version": 1, "kdf": "scrypt"}], ids=["version", "kdf"]
 )

@@ -221,12 +221,6 @@ def test_a_second_process_sees_the_same_snapshots(repo: Repository, tmp_path: Pa
     other.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the snapshot cache never refreshes the mutable part of a manifest written by another "
-    "process: snapshots()/latest()/resolve('VOL@latest') keep showing retention_until=None after "
-    "update_snapshot elsewhere (resolve by id re-reads the manifest and is right)",
-)
 def test_a_second_process_sees_retention_changes(repo: Repository, tmp_path: Path) -> None:
     snap = repo.save_snapshot(empty_snapshot("vol", "h", T0))
     other = second_view(repo, tmp_path)
@@ -332,12 +326,6 @@ def test_retention_locks_only_extend(repo: Repository) -> None:
     assert repo.read_snapshot(snap.id).annotations == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Repository.update_snapshot compares (snap.retention_until or until) < until, so "
-    "retention_until=None passes the 'only extend' check and is written: an active retention lock "
-    "is removed and delete_snapshot then succeeds",
-)
 def test_retention_lock_cannot_be_cleared(repo: Repository) -> None:
     snap = repo.save_snapshot(empty_snapshot("vol", "h", T0))
     until = utcnow() + timedelta(days=7)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .format import BlobEntry, BlobType, Codec, PackRef
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, volume TEXT NOT NULL, host TEXT NOT NULL, time TEXT NOT NULL,
-    doc TEXT NOT NULL);
+    doc TEXT NOT NULL, revision INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS snapshots_by_volume ON snapshots(host, volume, time);
 CREATE TABLE IF NOT EXISTS gc_roots (snapshot TEXT PRIMARY KEY, root BLOB NOT NULL,
     height INTEGER NOT NULL);
@@ -207,9 +207,13 @@ class IndexCache:
     def snapshot_ids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM snapshots")}
 
-    def put_snapshots(self, rows: Iterable[tuple[str, str, str, str, str]]) -> None:
+    def snapshot_revisions(self) -> dict[str, int]:
+        """Cached snapshot id -> revision of the note applied to it (0: none)."""
+        return {r[0]: r[1] for r in self.db.execute("SELECT id, revision FROM snapshots")}
+
+    def put_snapshots(self, rows: Iterable[tuple[str, str, str, str, str, int]]) -> None:
         with self.transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?)", rows)
+            db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?,?)", rows)
 
     def drop_snapshots(self, ids: Iterable[str]) -> None:
         with self.transaction() as db:

@@ -32,6 +32,7 @@ TOC_MAGIC = _magic("dingyuan pack toc v1")
 INDEX_MAGIC = _magic("dingyuan index v1")
 MANIFEST_MAGIC = _magic("dingyuan snapshot manifest v1")
 TREE_MAGIC = _magic("dingyuan tree node v1")
+NOTE_MAGIC = _magic("dingyuan snapshot note v1")
 
 SALT_LEN = 16
 TAG_LEN = 16
@@ -173,3 +174,8 @@ def index_name(index_id: bytes) -> str:
 
 def snapshot_name(snapshot_id: str) -> str:
     return f"snapshots/{snapshot_id}"
+
+
+def note_name(snapshot_id: str, revision: int) -> str:
+    """A snapshot's mutable metadata, revision ``revision`` (the highest revision counts)."""
+    return f"notes/{snapshot_id}/{revision:010d}"

@@ -111,6 +111,9 @@ def gc(repo: Repository) -> GcReport:
                 )
                 db.execute("UPDATE index_files SET gc_seen=1 WHERE name=?", (name,))
         _sweep(repo, report)
+        for name, _ in list(repo.backend.list("notes/")):  # notes of deleted snapshots
+            if name.split("/")[1] not in snaps:
+                repo.backend.delete(name)
     return report
 
 

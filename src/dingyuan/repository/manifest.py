@@ -49,6 +49,7 @@ class Snapshot:
     # mutable part
     retention_until: datetime | None = None
     annotations: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0  # of the note the mutable part came from (0: none)
     id: str = ""
 
     def core(self) -> dict[str, Any]:
@@ -76,7 +77,16 @@ class Snapshot:
         }
 
     def doc(self) -> dict[str, Any]:
-        return {"id": self.id, "core": self.core(), "mutable": self.mutable()}
+        return {"id": self.id, "core": self.core(), "mutable": self.mutable(), "revision": self.revision}
+
+    def apply_mutable(self, doc: dict[str, Any], name: str) -> None:
+        """Take retention lock and annotations from a note (or a cached document)."""
+        try:
+            until = doc.get("retention_until")
+            self.retention_until = parse_time(until) if until else None
+            self.annotations = dict(doc.get("annotations") or {})
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CorruptObject(name=name, detail=f"malformed note: {e}") from None
 
     @property
     def nchunks(self) -> int:
@@ -105,11 +115,10 @@ class Snapshot:
     @classmethod
     def from_doc(cls, doc: dict[str, Any], name: str) -> Snapshot:
         try:
-            core, mut = doc["core"], doc["mutable"]
+            core = doc["core"]
             if core.get("format") != FORMAT_VERSION:
                 raise UnsupportedFormat(what=name, detail=f"manifest format {core.get('format')}")
-            until = mut.get("retention_until")
-            return cls(
+            snap = cls(
                 volume=core["volume"],
                 host=core["host"],
                 time=parse_time(core["time"]),
@@ -123,10 +132,11 @@ class Snapshot:
                 parent=core["parent"],
                 source=core.get("source", ""),
                 stats=dict(core.get("stats", {})),
-                retention_until=parse_time(until) if until else None,
-                annotations=dict(mut.get("annotations", {})),
+                revision=int(doc.get("revision", 0)),
                 id=doc.get("id", ""),
             )
+            snap.apply_mutable(doc.get("mutable") or {}, name)
+            return snap
         except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptObject(name=name, detail=f"malformed manifest: {e}") from None
 

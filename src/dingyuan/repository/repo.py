@@ -32,6 +32,7 @@ import zstandard
 from ..errors import (
     AmbiguousSnapshot,
     CorruptObject,
+    LockedError,
     MissingObject,
     ObjectExists,
     ObjectNotFound,
@@ -51,6 +52,7 @@ from .format import (
     FORMAT_VERSION,
     INDEX_MAGIC,
     MANIFEST_MAGIC,
+    NOTE_MAGIC,
     PACK_END_MAGIC,
     PACK_HEADER,
     PACK_MAGIC,
@@ -65,6 +67,7 @@ from .format import (
     decode_tree_node,
     encode_index,
     index_name,
+    note_name,
     pack_name,
     snapshot_name,
 )
@@ -159,6 +162,8 @@ class Repository:
         if encrypted and passphrase is None:
             raise PassphraseRequired()
         master = None
+        unsupported: UnsupportedFormat | None = None
+        wrong = False
         for name, _ in sorted(backend.list("keys/")):
             try:
                 doc = json.loads(backend.get(name))
@@ -166,11 +171,15 @@ class Repository:
                     continue  # a clear key cannot open an encrypted repository: planted or wrong
                 master = unwrap_master_key(doc, passphrase, name)
                 break
-            except (WrongPassphrase, UnsupportedFormat):
-                continue
+            except WrongPassphrase:
+                wrong = True
+            except UnsupportedFormat as e:
+                unsupported = e
             except ValueError as e:
                 raise CorruptObject(name=name, detail=str(e)) from None
         if master is None:
+            if unsupported is not None and not wrong:
+                raise unsupported
             raise WrongPassphrase()
         cipher = Cipher(master, encrypted=encrypted)
         if cipher.mac(_config_mac_input(config)).hex() != config.get("mac"):
@@ -301,9 +310,27 @@ class Repository:
         return str(blake3.blake3(canonical(snap.core()), key=self.cipher.id_key).hexdigest())
 
     def _encode_manifest(self, snap: Snapshot) -> bytes:
-        return self.cipher.seal_json(MANIFEST_MAGIC, {"core": snap.core(), "mutable": snap.mutable()})
+        return self.cipher.seal_json(MANIFEST_MAGIC, {"core": snap.core()})
+
+    def _note_revisions(self, prefix: str = "notes/") -> dict[str, int]:
+        """Snapshot id -> newest note revision, from one listing."""
+        out: dict[str, int] = {}
+        for name, _ in self.backend.list(prefix):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[2].isdigit():
+                out[parts[1]] = max(out.get(parts[1], 0), int(parts[2]))
+        return out
+
+    def _apply_note(self, snap: Snapshot, revision: int) -> None:
+        name = note_name(snap.id, revision)
+        doc = self.cipher.unseal_json(NOTE_MAGIC, self.backend.get(name), name)
+        if doc.get("snapshot") != snap.id:
+            raise CorruptObject(name=name, detail="note belongs to another snapshot")
+        snap.apply_mutable(doc, name)
+        snap.revision = revision
 
     def read_snapshot(self, sid: str) -> Snapshot:
+        """Read a manifest (checked against its id) and its newest note."""
         name = snapshot_name(sid)
         try:
             sealed = self.backend.get(name)
@@ -314,25 +341,47 @@ class Repository:
         snap.id = self.snapshot_id(snap)
         if snap.id != sid:
             raise CorruptObject(name=name, detail="manifest does not match its id")
+        revision = self._note_revisions(f"notes/{sid}/").get(sid)
+        if revision is not None:
+            self._apply_note(snap, revision)
         return snap
 
     def save_snapshot(self, snap: Snapshot) -> Snapshot:
-        """Commit a new snapshot: the manifest is created atomically, last."""
+        """Commit a new snapshot: the manifest is created atomically, last, and never rewritten."""
         snap.id = self.snapshot_id(snap)
+        if snap.retention_until is not None or snap.annotations:
+            self._write_note(snap, 1)
         self.backend.create(snapshot_name(snap.id), self._encode_manifest(snap))
         self._cache_snapshots([snap])
         return snap
 
+    def _write_note(self, snap: Snapshot, revision: int) -> None:
+        doc = {"snapshot": snap.id, "revision": revision, **snap.mutable()}
+        self.backend.create(note_name(snap.id, revision), self.cipher.seal_json(NOTE_MAGIC, doc))
+        snap.revision = revision
+
     def update_snapshot(self, snap: Snapshot) -> None:
-        """Rewrite the mutable part (retention lock, annotations); the id does not change."""
+        """Record new mutable metadata (retention lock, annotations) as the snapshot's next note.
+
+        The manifest, and so the id, never changes. A retention lock can only be extended.
+        """
         if self.snapshot_id(snap) != snap.id:
             raise UsageError("the immutable part of a snapshot cannot change")
-        current = self.read_snapshot(snap.id)
-        until = current.retention_until
-        if until is not None and until > utcnow() and (snap.retention_until or until) < until:
-            raise RetentionLocked(snapshot=snap.id[:12], until=until.isoformat())
-        self.backend.put(snapshot_name(snap.id), self._encode_manifest(snap))
-        self._cache_snapshots([snap])
+        for _ in range(10):
+            current = self.read_snapshot(snap.id)
+            until = current.retention_until
+            shortened = snap.retention_until is None or (until is not None and snap.retention_until < until)
+            if until is not None and until > utcnow() and shortened:
+                raise RetentionLocked(snapshot=snap.id[:12], until=until.isoformat())
+            try:
+                self._write_note(snap, current.revision + 1)
+            except ObjectExists:
+                continue  # a concurrent update took that revision: check again against it
+            for old in range(1, snap.revision):
+                self.backend.delete(note_name(snap.id, old))
+            self._cache_snapshots([snap])
+            return
+        raise LockedError(holder="concurrent snapshot updates", detail=snap.id[:12])
 
     def delete_snapshot(self, snap: Snapshot, now: datetime | None = None) -> None:
         current = self.read_snapshot(snap.id)  # the lock in the repository is authoritative
@@ -340,22 +389,33 @@ class Repository:
             assert current.retention_until is not None
             raise RetentionLocked(snapshot=snap.id[:12], until=current.retention_until.isoformat())
         self.backend.delete(snapshot_name(snap.id))
+        for name, _ in list(self.backend.list(f"notes/{snap.id}/")):
+            self.backend.delete(name)
         self.cache.drop_snapshots([snap.id])
 
     def _cache_snapshots(self, snaps: list[Snapshot]) -> None:
         self.cache.put_snapshots(
-            (s.id, s.volume, s.host, s.time.isoformat(), json.dumps(s.doc())) for s in snaps
+            (s.id, s.volume, s.host, s.time.isoformat(), json.dumps(s.doc()), s.revision) for s in snaps
         )
 
     def sync_snapshots(self) -> None:
-        names = {n.rsplit("/", 1)[-1] for n, _ in self.backend.list("snapshots/")}
-        known = self.cache.snapshot_ids()
-        gone = known - names
+        """Bring the cached manifests up to date: new, deleted, and those with a newer note.
+
+        A manifest that cannot be read is left out here; 'dingyuan verify' reports it.
+        """
+        listed = {n.rsplit("/", 1)[-1] for n, _ in self.backend.list("snapshots/")}
+        revisions = self._note_revisions()
+        known = self.cache.snapshot_revisions()
+        gone = known.keys() - listed
         if gone:
             self.cache.drop_snapshots(gone)
-        new = [self.read_snapshot(sid) for sid in sorted(names - known)]
-        if new:
-            self._cache_snapshots(new)
+        fresh = []
+        for sid in sorted(listed):
+            if sid not in known or known[sid] != revisions.get(sid, 0):
+                with contextlib.suppress(CorruptObject, UnsupportedFormat, SnapshotNotFound, ObjectNotFound):
+                    fresh.append(self.read_snapshot(sid))
+        if fresh:
+            self._cache_snapshots(fresh)
 
     def snapshots(self, sync: bool = True) -> list[Snapshot]:
         """All snapshots, oldest first."""
@@ -382,7 +442,7 @@ class Repository:
             snap = self.latest(vol, host)
             if snap is None:
                 raise SnapshotNotFound(ref=ref)
-            return snap
+            return self.read_snapshot(snap.id)  # the mutable part may be newer than the cache
         ref = ref.lower()
         if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
             raise SnapshotNotFound(ref=ref)
