@@ -391,14 +391,8 @@ def test_verify_names_exactly_the_affected_snapshots(
         assert set(doc["affected_snapshots"]) == dmg.affected, dmg  # type: ignore[arg-type]
 
 
-MANIFEST_NOT_NAMED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: restoring a snapshot whose manifest is corrupt says 'No snapshot matches <id>': "
-    "sync_snapshots() leaves unreadable manifests out and Repository.resolve() then raises "
-    "SnapshotNotFound instead of reading the listed manifest and raising its CorruptObject",
-)
 AFFECTED_CASES = [
-    pytest.param(kind, seed, marks=MANIFEST_NOT_NAMED) if kind == "manifest" else (kind, seed)
+    (kind, seed)
     for kind, seed in CASES
     if kind != "pack-meta"  # blobs intact: nothing is affected (every restore is checked below)
 ]
@@ -477,11 +471,6 @@ def test_damaged_config_or_key_gives_a_clear_error_on_open(
     assert name in run.err or (obj == "key" and wrong_passphrase), run.err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a damaged key object is reported as a wrong passphrase: unwrap_master_key maps "
-    "InvalidTag to WrongPassphrase and a key object carries no passphrase-independent checksum",
-)
 def test_damaged_wrapped_key_is_reported_as_corrupt_not_as_a_wrong_passphrase(
     base: Base, tmp_path: Path
 ) -> None:

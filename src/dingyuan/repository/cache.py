@@ -219,5 +219,12 @@ class IndexCache:
         with self.transaction() as db:
             db.executemany("DELETE FROM snapshots WHERE id=?", ((i,) for i in ids))
 
+    def snapshot_roots(self) -> dict[str, tuple[bytes, int]]:
+        """Snapshot id -> (root id, tree height), without decoding whole documents."""
+        rows = self.db.execute(
+            "SELECT id, json_extract(doc, '$.core.root'), json_extract(doc, '$.core.height') FROM snapshots"
+        )
+        return {r[0]: (bytes.fromhex(r[1]), int(r[2])) for r in rows}
+
     def snapshot_docs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT doc FROM snapshots ORDER BY time, id")]

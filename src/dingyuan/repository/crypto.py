@@ -66,8 +66,20 @@ def _kek(passphrase: bytes, salt: bytes, p: KdfParams) -> bytes:
     return kdf.derive(passphrase)
 
 
+def _key_check(doc: dict[str, Any]) -> str:
+    """Checksum of a key document (without its ``check`` field): tells damage from a wrong passphrase."""
+    body = json.dumps({k: v for k, v in doc.items() if k != "check"}, sort_keys=True).encode()
+    return str(blake3.blake3(body).hexdigest()[:32])
+
+
 def wrap_master_key(master: bytes, passphrase: bytes | None, params: KdfParams) -> dict[str, Any]:
     """Return the JSON document of a key object. ``passphrase=None`` stores the key in clear."""
+    doc = _wrap(master, passphrase, params)
+    doc["check"] = _key_check(doc)
+    return doc
+
+
+def _wrap(master: bytes, passphrase: bytes | None, params: KdfParams) -> dict[str, Any]:
     if passphrase is None:
         return {"version": 1, "kdf": "none", "key": _b64(master)}
     salt = os.urandom(16)
@@ -92,6 +104,10 @@ def unwrap_master_key(doc: dict[str, Any], passphrase: bytes | None, name: str) 
             raise CorruptObject(name=name, detail="key object is not a JSON object")
         if doc.get("version") != 1:
             raise UnsupportedFormat(what=name, detail=f"key version {doc.get('version')}")
+        if doc.get("kdf") not in ("none", "argon2id"):
+            raise UnsupportedFormat(what=name, detail=f"kdf {doc.get('kdf')}")
+        if doc.get("check") != _key_check(doc):
+            raise CorruptObject(name=name, detail="checksum mismatch")
         if doc["kdf"] == "none":
             return _unb64(doc["key"])
         if doc["kdf"] != "argon2id":

@@ -84,7 +84,8 @@ def gc(repo: Repository) -> GcReport:
                 "delete data only they describe",
             )
         repo.recover_packs(delete_useless=True)
-        snaps = {s.id: s for s in repo.snapshots()}
+        repo.sync_snapshots()
+        snaps = repo.cache.snapshot_roots()
         cache = repo.cache
         refs = _Refs(repo)
         with cache.transaction() as db:
@@ -92,10 +93,10 @@ def gc(repo: Repository) -> GcReport:
                 r[0]: (r[1], r[2]) for r in db.execute("SELECT snapshot, root, height FROM gc_roots")
             }
             for sid in sorted(snaps.keys() - accounted.keys()):
-                s = snaps[sid]
-                if s.root != ZERO_ID:
-                    refs.incref(s.root, s.height - 1)
-                db.execute("INSERT INTO gc_roots VALUES (?,?,?)", (sid, s.root, s.height))
+                root, height = snaps[sid]
+                if root != ZERO_ID:
+                    refs.incref(root, height - 1)
+                db.execute("INSERT INTO gc_roots VALUES (?,?,?)", (sid, root, height))
                 report.snapshots_added += 1
             for sid in sorted(accounted.keys() - snaps.keys()):
                 root, height = accounted[sid]

@@ -28,7 +28,10 @@ def fmt_time(t: datetime) -> str:
 
 
 def parse_time(s: str) -> datetime:
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    """Parse ``fmt_time`` output (ISO 8601, UTC, 'Z'); anything else raises ValueError."""
+    if not s.endswith("Z") or len(s) != 27:
+        raise ValueError(f"time {s!r} is not in the form YYYY-MM-DDTHH:MM:SS.ffffffZ")
+    return datetime.fromisoformat(s)
 
 
 @dataclass

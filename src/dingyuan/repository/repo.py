@@ -446,12 +446,16 @@ class Repository:
         ref = ref.lower()
         if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
             raise SnapshotNotFound(ref=ref)
-        hits = [s for s in self.snapshots() if s.id.startswith(ref)]
+        self.sync_snapshots()
+        # the listing, not the cache: a manifest that cannot be read must say so when named
+        hits = sorted(
+            sid for n, _ in self.backend.list("snapshots/") if (sid := n.rsplit("/", 1)[-1]).startswith(ref)
+        )
         if not hits:
             raise SnapshotNotFound(ref=ref)
         if len(hits) > 1:
-            raise AmbiguousSnapshot(ref=ref, detail=", ".join(s.id[:12] for s in hits[:5]))
-        return self.read_snapshot(hits[0].id)
+            raise AmbiguousSnapshot(ref=ref, detail=", ".join(h[:12] for h in hits[:5]))
+        return self.read_snapshot(hits[0])
 
     def iter_packs(self) -> Iterator[tuple[bytes, int]]:
         for name, size in self.backend.list("packs/"):
