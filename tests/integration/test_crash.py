@@ -348,12 +348,6 @@ def _temporaries(root: Path) -> list[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a backup killed while writing a pack leaves its partial .tmp- file (up to a whole "
-    "pack) in the repository for ever: LocalBackend never removes temporaries and gc, which "
-    "'frees the data of interrupted backups', does not either",
-)
 def test_gc_removes_partial_packs_of_killed_backups(tmp_path: Path) -> None:
     repo_dir, cache = tmp_path / "repo", tmp_path / "cache"
     env = cli_env(repo_dir, cache)

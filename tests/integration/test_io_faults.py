@@ -59,7 +59,7 @@ from helpers import (
     write_file,
 )
 
-from dingyuan.errors import DingyuanError, LockedError, StorageFull, StorageIOError
+from dingyuan.errors import DingyuanError, StorageFull, StorageIOError
 from dingyuan.repository.backends.faults import FaultyBackend
 from dingyuan.repository.backends.local import LocalBackend
 from dingyuan.repository.backup import backup
@@ -352,12 +352,6 @@ def test_fault_at_every_write(tmp_path: Path, name: str, fault: str, mode: str) 
         normal_run(root, cache, scenario, pristine, f"{name}, {fault}, shared cache, after {failures} faults")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LockedError,
-    reason="BUG locks.py RepoLock.release: a lock whose delete failed stays behind naming this live "
-    "pid, so it is never stale (for 30 min) and blocks this same process's exclusive lock (gc)",
-)
 def test_failed_release_does_not_lock_out_own_process(tmp_path: Path) -> None:
     """A long-lived process (an agent) whose backup failed with EIO, lock release included,
     must still be able to take the exclusive lock for gc: the lock left behind is its own."""
@@ -372,13 +366,6 @@ def test_failed_release_does_not_lock_out_own_process(tmp_path: Path) -> None:
         repo.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG repo.py Repository.update_snapshot: after writing note revision r it deletes "
-    "revisions 1..r-1, every time, although earlier updates deleted them already: an update costs "
-    "r writes, so retrying it under faults never outruns the Nth failing write, and a lock extended "
-    "daily costs hundreds of deletes (and directory fsyncs) per update after a year",
-)
 def test_snapshot_update_writes_do_not_grow_with_revisions(tmp_path: Path) -> None:
     world, ids = _prepare(tmp_path, 1)
     faulty = FaultyBackend(LocalBackend(world.root), fail_at_write=0, errno_=errno.EIO)
@@ -474,13 +461,6 @@ def test_real_full_filesystem(tmp_path: Path) -> None:
         assert hashlib.sha256(restored.read_bytes()).hexdigest() == sha256(small_img)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cache.py IndexCache: when the disk holding the local cache is full, every command, "
-    "restore and snapshot list included, dies with a raw sqlite3.OperationalError ('disk I/O error', "
-    "from PRAGMA journal_mode=WAL) or OSError ENOSPC (mkdir of a new cache) and a traceback, "
-    "exit 1: neither mapped to a DingyuanError nor worked around",
-)
 def test_full_cache_disk_is_a_clean_error(tmp_path: Path) -> None:
     """The cache on a full disk (the default ~/.cache is often on the repository's disk): every
     command either works or stops with dingyuan's own message, never a traceback."""

@@ -6,6 +6,7 @@ Exit status: 0 on success; a DingyuanError's ``exit_code`` otherwise (2 usage, 1
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import click
@@ -37,6 +38,17 @@ def main() -> None:
     except DingyuanError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except sqlite3.Error as e:
+        err_console.print(
+            f"[bold red]error:[/] the local cache failed ({e}): free space where it lives, or point "
+            "--cache-dir / DINGYUAN_CACHE_DIR elsewhere (it is rebuilt from the repository)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(10)
+    except OSError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)

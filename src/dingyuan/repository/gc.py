@@ -83,6 +83,7 @@ def gc(repo: Repository) -> GcReport:
                 detail=f"{len(unreadable)} index object(s) unreadable; gc refuses to run, since it could "
                 "delete data only they describe",
             )
+        repo.backend.remove_temporaries()  # no writer runs: half-written objects of killed ones
         repo.recover_packs(delete_useless=True)
         repo.sync_snapshots()
         snaps = repo.cache.snapshot_roots()
@@ -112,8 +113,12 @@ def gc(repo: Repository) -> GcReport:
                 )
                 db.execute("UPDATE index_files SET gc_seen=1 WHERE name=?", (name,))
         _sweep(repo, report)
-        for name, _ in list(repo.backend.list("notes/")):  # notes of deleted snapshots
-            if name.split("/")[1] not in snaps:
+        newest: dict[str, int] = {}
+        notes = [(n, n.split("/")) for n, _ in repo.backend.list("notes/")]
+        for _, (_, sid, rev) in notes:
+            newest[sid] = max(newest.get(sid, 0), int(rev))
+        for name, (_, sid, rev) in notes:  # notes of deleted snapshots, superseded revisions
+            if sid not in snaps or int(rev) < newest[sid]:
                 repo.backend.delete(name)
     return report
 

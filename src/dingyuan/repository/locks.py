@@ -41,6 +41,10 @@ from .backends.base import Backend
 STALE_AFTER = 30 * 60
 REFRESH_EVERY = 5 * 60
 
+#: Names of the locks this process holds right now. A lock record naming this host and this pid
+#: but not listed here was left by a release that failed: it is stale.
+_HELD: set[str] = set()
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -74,10 +78,12 @@ class RepoLock:
         ).encode()
 
     @staticmethod
-    def is_stale(doc: dict[str, Any], now: float) -> bool:
+    def is_stale(doc: dict[str, Any], now: float, name: str = "") -> bool:
         try:
-            if doc.get("host") == socket.gethostname() and not _alive(int(doc.get("pid", 0))):
-                return True
+            if doc.get("host") == socket.gethostname():
+                pid = int(doc.get("pid", 0))
+                if not _alive(pid) or (pid == os.getpid() and name not in _HELD):
+                    return True
             return now - float(doc.get("time", 0)) > STALE_AFTER
         except (TypeError, ValueError):
             return True  # not a lock record we wrote
@@ -95,7 +101,7 @@ class RepoLock:
                 return {"purpose": "unknown (unreadable lock)", "exclusive": True}
             except ValueError:
                 doc = None  # not a lock record: garbage
-            if not isinstance(doc, dict) or self.is_stale(doc, now):
+            if not isinstance(doc, dict) or self.is_stale(doc, now, name):
                 self.backend.delete(name)
                 continue
             if self.exclusive or doc.get("exclusive"):
@@ -116,6 +122,7 @@ class RepoLock:
                     detail="exclusive" if holder.get("exclusive") else "shared",
                 )
             time.sleep(random.uniform(0.1, 0.4))  # jitter: two contenders do not collide forever
+        _HELD.add(self.name)
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True)
         self._thread.start()
 
@@ -125,10 +132,18 @@ class RepoLock:
                 self.backend.put(self.name, self._doc())
 
     def release(self) -> None:
+        """Remove the lock record, best effort: a record left behind is stale once this process
+        ends (or at once for this process), so a failed delete must not mask the real outcome."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.backend.delete(self.name)
+        _HELD.discard(self.name)
+        for _ in range(2):
+            try:
+                self.backend.delete(self.name)
+                return
+            except StorageError:
+                continue
 
     def __enter__(self) -> RepoLock:
         self.acquire()

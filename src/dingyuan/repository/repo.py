@@ -377,8 +377,8 @@ class Repository:
                 self._write_note(snap, current.revision + 1)
             except ObjectExists:
                 continue  # a concurrent update took that revision: check again against it
-            for old in range(1, snap.revision):
-                self.backend.delete(note_name(snap.id, old))
+            if current.revision:  # superseded; older ones were removed by earlier updates (or gc)
+                self.backend.delete(note_name(snap.id, current.revision))
             self._cache_snapshots([snap])
             return
         raise LockedError(holder="concurrent snapshot updates", detail=snap.id[:12])

@@ -88,5 +88,13 @@ class Backend(ABC):
         """True if the object exists (default: a listing of the exact name)."""
         return any(n == name for n, _ in self.list(name))
 
+    def remove_temporaries(self) -> int:
+        """Remove half-written objects left by killed writers; call only while nothing writes.
+
+        Returns how many were removed. Backends whose writes are atomic on the server need not
+        override this.
+        """
+        return 0
+
     def close(self) -> None:  # noqa: B027 -- optional hook, a no-op for most backends
         """Release resources (connections, file handles)."""

@@ -59,5 +59,8 @@ class FaultyBackend(Backend):
     def exists(self, name: str) -> bool:
         return self.inner.exists(name)
 
+    def remove_temporaries(self) -> int:
+        return self.inner.remove_temporaries()
+
     def close(self) -> None:
         self.inner.close()

@@ -132,6 +132,16 @@ class LocalBackend(Backend):
     def create(self, name: str, data: Data) -> None:
         self._write(name, data, exclusive=True)
 
+    def remove_temporaries(self) -> int:
+        removed = 0
+        for directory, _, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(TMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, f))
+                        removed += 1
+        return removed
+
     def get(self, name: str) -> bytes:
         path = self._path(name)
         with _mapped(name, missing=True), open(path, "rb") as f:
