@@ -400,7 +400,7 @@ def test_stale_locks_are_removed(repo: Repository) -> None:
 
 def test_live_locks_are_kept(repo: Repository) -> None:
     be = repo.backend
-    be.create("locks/alive-here", lock_doc(pid=os.getpid()))
+    be.create("locks/alive-here", lock_doc(pid=os.getppid()))  # another live process on this host
     be.create("locks/alive-elsewhere", lock_doc(host="elsewhere.invalid", pid=1, exclusive=False))
     with pytest.raises(LockedError):
         repo.lock(exclusive=False, purpose="backup", wait=0.3).acquire()
