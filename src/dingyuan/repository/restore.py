@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import MissingObject, ObjectNotFound, RestoreTargetError
+from ..errors import CorruptObject, MissingObject, ObjectNotFound, RestoreTargetError
 from .cache import Location
 from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
@@ -114,7 +114,8 @@ def _restore(
     written = 0
     try:
 
-        def fetch(run: Run) -> int:
+        def fetch(run: Run) -> list[tuple[int, bytes]]:
+            """Worker: read a run of blobs, verify each; returns (target offset, data) pairs."""
             pack, start, length, blobs = run
             name = pack_name(pack)
             try:
@@ -122,20 +123,33 @@ def _restore(
             except ObjectNotFound:
                 raise MissingObject(name=name, detail="pack listed by the index") from None
             mv = memoryview(data)
-            n = 0
+            out = []
             for entry, offsets in blobs:
                 plain = repo.decode_blob(
                     entry, mv[entry.offset - start : entry.offset - start + entry.length], name
                 )
                 for off in offsets:
-                    try:
-                        os.pwrite(fd, plain, off)
-                    except OSError as e:
-                        raise RestoreTargetError(target=target, detail=e.strerror or str(e)) from None
-                    n += len(plain)
-            return n
+                    if len(plain) != min(cs, snap.size - off):
+                        raise CorruptObject(name=name, detail=f"chunk for offset {off} has the wrong length")
+                    out.append((off, plain))
+            return out
 
-        inflight: deque[Future[int]] = deque()
+        def write(pieces: list[tuple[int, bytes]]) -> int:
+            """Main thread, the only writer: neighbouring chunks go out in one pwritev."""
+            pieces.sort(key=lambda p: p[0])
+            i = 0
+            while i < len(pieces):
+                start = end = pieces[i][0]
+                group: list[bytes] = []
+                while i < len(pieces) and pieces[i][0] == end and len(group) < 512:
+                    group.append(pieces[i][1])
+                    end += len(pieces[i][1])
+                    i += 1
+                if os.pwritev(fd, group, start) != end - start:
+                    raise RestoreTargetError(target=target, detail=f"short write at offset {start}")
+            return sum(len(p[1]) for p in pieces)
+
+        inflight: deque[Future[list[tuple[int, bytes]]]] = deque()
         done_to = 0
         with responsive_threads(), ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
             for base, ids in repo.tree(snap).leaves():
@@ -157,11 +171,11 @@ def _restore(
                 for run in plan_runs(locs, wanted):
                     inflight.append(pool.submit(fetch, run))
                     while len(inflight) >= INFLIGHT:
-                        written += inflight.popleft().result()
+                        written += write(inflight.popleft().result())
                         if progress:
                             progress(written, snap.size)
             while inflight:
-                written += inflight.popleft().result()
+                written += write(inflight.popleft().result())
                 if progress:
                     progress(written, snap.size)
         if not sparse:
