@@ -15,6 +15,7 @@ the number of batches in flight, one pack being built and two being uploaded.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import stat
@@ -92,16 +93,36 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-def chunk_batches(fd: int, size: int, cs: int, per_batch: int) -> Iterator[tuple[int, int]]:
-    """Yield (first chunk, chunk count) batches covering every chunk that may hold data."""
+Run = tuple[int, int]  # (first chunk, chunk count)
+
+
+def chunk_runs(fd: int, size: int, cs: int) -> Iterator[Run]:
+    """Yield runs of chunks, in order, covering every chunk that may hold data."""
     nchunks = -(-size // cs)
     nxt = 0
     for start, end in data_extents(fd, size):
         first = max(start // cs, nxt)
         last = min(-(-end // cs), nchunks)
-        for c in range(first, last, per_batch):
-            yield c, min(per_batch, last - c)
+        if last > first:
+            yield first, last - first
         nxt = max(nxt, last)
+
+
+def chunk_batches(fd: int, size: int, cs: int, per_batch: int) -> Iterator[list[Run]]:
+    """Group the runs into batches of at most ``per_batch`` chunks (a file with many small
+    extents would otherwise make thousands of one-chunk batches)."""
+    batch: list[Run] = []
+    room = per_batch
+    for first, count in chunk_runs(fd, size, cs):
+        while count:
+            take = min(count, room)
+            batch.append((first, take))
+            first, count, room = first + take, count - take, room - take
+            if not room:
+                yield batch
+                batch, room = [], per_batch
+    if batch:
+        yield batch
 
 
 class _Worker:
@@ -123,17 +144,28 @@ class _Worker:
             zid = self.zero_ids[n] = self.repo.cipher.blob_id(bytes(n))
         return zid
 
+    def _read(self, buf: memoryview, runs: list[Run], size: int) -> memoryview:
+        """Read the runs back to back into ``buf`` (in the worker: the copy out of the page
+        cache is spread over the cores)."""
+        cs, pos = self.cs, 0
+        for first, count in runs:
+            offset = first * cs
+            length = min(count * cs, size - offset)
+            try:
+                got = os.preadv(self.fd, [buf[pos : pos + length]], offset)
+            except OSError as e:
+                raise SourceError(source=self.source, detail=f"at offset {offset}: {e.strerror}") from None
+            if got != length:
+                raise SourceError(
+                    source=self.source, detail=f"short read at offset {offset}: did its size change?"
+                )
+            pos += length
+        return buf[:pos]
+
     def __call__(
-        self, buf: memoryview, offset: int, parent_ids: list[bytes] | None
+        self, buf: memoryview, runs: list[Run], size: int, parent_ids: list[bytes] | None
     ) -> list[tuple[bytes, Codec, int, Buffer | None]]:
-        try:  # reading here, in the worker, spreads the copy out of the page cache over the cores
-            got = os.preadv(self.fd, [buf], offset)
-        except OSError as e:
-            raise SourceError(source=self.source, detail=f"at offset {offset}: {e.strerror}") from None
-        if got != len(buf):
-            raise SourceError(
-                source=self.source, detail=f"short read at offset {offset}: did its size change?"
-            )
+        buf = self._read(buf, runs, size)
         zc: zstandard.ZstdCompressor | None = getattr(self.local, "zc", None)
         if zc is None:
             zc = self.local.zc = zstandard.ZstdCompressor(level=COMPRESS_LEVEL, write_content_size=False)
@@ -241,29 +273,29 @@ def _run(
         builder = TreeBuilder(fanout, nchunks, store_node)
         work = _Worker(repo, writer, fd, source, cs)
         per_batch = max(1, BATCH_BYTES // cs)
-        inflight: deque[tuple[int, Future[list[tuple[bytes, Codec, int, Buffer | None]]]]] = deque()
+        inflight: deque[tuple[list[Run], Future[list[tuple[bytes, Codec, int, Buffer | None]]]]] = deque()
 
         def consume() -> None:
             nonlocal chunks_new, bytes_new
-            first, fut = inflight.popleft()
-            builder.skip_to(first)
-            for bid, codec, raw, stored in fut.result():
-                if stored is not None:
-                    writer.add(bid, BlobType.CHUNK, codec, raw, stored)
-                    chunks_new += 1
-                    bytes_new += raw
-                builder.add(bid)
+            runs, fut = inflight.popleft()
+            results = iter(fut.result())
+            for first, count in runs:
+                builder.skip_to(first)
+                for bid, codec, raw, stored in itertools.islice(results, count):
+                    if stored is not None:
+                        writer.add(bid, BlobType.CHUNK, codec, raw, stored)
+                        chunks_new += 1
+                        bytes_new += raw
+                    builder.add(bid)
             if progress:
                 progress(min(builder.next * cs, size), size)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup") as pool:
             buffers = [memoryview(bytearray(per_batch * cs)) for _ in range(INFLIGHT + 1)]
-            for n, (first, count) in enumerate(chunk_batches(fd, size, cs, per_batch)):
-                offset = first * cs
-                length = min(count * cs, size - offset)
-                buf = buffers[n % len(buffers)][:length]  # free again: at most INFLIGHT in use
-                pids = preader.ids_range(first, count) if preader else None
-                inflight.append((first, pool.submit(work, buf, offset, pids)))
+            for n, runs in enumerate(chunk_batches(fd, size, cs, per_batch)):
+                buf = buffers[n % len(buffers)]  # free again: at most INFLIGHT in use
+                pids = [i for f, c in runs for i in preader.ids_range(f, c)] if preader else None
+                inflight.append((runs, pool.submit(work, buf, runs, size, pids)))
                 if len(inflight) >= INFLIGHT:
                     consume()
             while inflight:

@@ -87,6 +87,13 @@ def gc(repo: Repository) -> GcReport:
         repo.recover_packs(delete_useless=True)
         repo.sync_snapshots()
         snaps = repo.cache.snapshot_roots()
+        listed = {n.rsplit("/", 1)[-1] for n, _ in repo.backend.list("snapshots/")}
+        if listed - snaps.keys():
+            raise CorruptObject(
+                name=f"snapshots/{sorted(listed - snaps.keys())[0]}",
+                detail=f"{len(listed - snaps.keys())} snapshot(s) unreadable (manifest or note); gc refuses "
+                "to run, since it would free their data. Run 'dingyuan verify'",
+            )
         cache = repo.cache
         refs = _Refs(repo)
         with cache.transaction() as db:
@@ -114,7 +121,9 @@ def gc(repo: Repository) -> GcReport:
                 db.execute("UPDATE index_files SET gc_seen=1 WHERE name=?", (name,))
         _sweep(repo, report)
         newest: dict[str, int] = {}
-        notes = [(n, n.split("/")) for n, _ in repo.backend.list("notes/")]
+        notes = [
+            (n, p) for n, _ in repo.backend.list("notes/") if len(p := n.split("/")) == 3 and p[2].isdigit()
+        ]
         for _, (_, sid, rev) in notes:
             newest[sid] = max(newest.get(sid, 0), int(rev))
         for name, (_, sid, rev) in notes:  # notes of deleted snapshots, superseded revisions

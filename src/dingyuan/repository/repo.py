@@ -481,9 +481,9 @@ class Repository:
                 entries = [e for e in self.read_pack_toc(pack, size) if e.type == BlobType.CHUNK]
             except (CorruptObject, UnsupportedFormat):
                 continue  # verify reports it; never index what we cannot read
-            if entries or not delete_useless:
+            if entries:
                 refs.append(PackRef(pack, size, entries))
-            else:
+            elif delete_useless:  # only tree nodes of an interrupted backup: garbage
                 self.backend.delete(pack_name(pack))
         if refs:
             self.write_index(refs)

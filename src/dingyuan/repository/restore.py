@@ -22,8 +22,8 @@ from .manifest import Snapshot
 from .repo import Repository
 from .threads import responsive_threads
 
-MAX_RUN = 8 << 20  # bytes per ranged read
-INFLIGHT = 6
+MAX_RUN = 4 << 20  # bytes per ranged read
+INFLIGHT = 4
 ZERO_BLOCK = bytes(1 << 20)
 
 Progress = Callable[[int, int], None]

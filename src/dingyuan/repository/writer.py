@@ -69,8 +69,9 @@ class BlobWriter:
         self._claimed: set[bytes] = set()
         self._claim_lock = threading.Lock()
         self._builder: PackBuilder | None = None
-        # at most three packs in memory: one being filled, one queued, one being uploaded
-        self._queue: queue.Queue[tuple[bytes, list[Buffer], list[BlobEntry]] | None] = queue.Queue(maxsize=1)
+        # at most two packs in memory: one being filled, one being sealed and uploaded
+        self._slots = threading.Semaphore(2)
+        self._queue: queue.Queue[PackBuilder | None] = queue.Queue()
         self._durable: list[PackRef] = []
         self._durable_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -97,6 +98,7 @@ class BlobWriter:
     def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None:
         self._raise_error()
         if self._builder is None:
+            self._slots.acquire()
             self._builder = PackBuilder()
         self._builder.add(bid, btype, codec, raw_length, stored)
         self.bytes_stored += len(stored)
@@ -107,11 +109,10 @@ class BlobWriter:
             self._write_index()
 
     def _ship(self) -> None:
-        if self._builder is None or not self._builder.entries:
+        if self._builder is None:
             return
-        item = self._builder.finish(self.repo)
+        self._queue.put(self._builder)
         self._builder = None
-        self._queue.put(item)
 
     def _upload_loop(self) -> None:
         while True:
@@ -119,8 +120,8 @@ class BlobWriter:
             try:
                 if item is None:
                     return
-                pack, parts, entries = item
                 if self._error is None:
+                    pack, parts, entries = item.finish(self.repo)  # sealing and hashing happen here
                     self.repo.backend.put(pack_name(pack), parts)
                     with self._durable_lock:
                         self._durable.append(PackRef(pack, data_len(parts), entries))
@@ -128,6 +129,8 @@ class BlobWriter:
             except BaseException as e:  # handed to the caller's thread
                 self._error = e
             finally:
+                if item is not None:
+                    self._slots.release()
                 self._queue.task_done()
 
     def _raise_error(self) -> None:
