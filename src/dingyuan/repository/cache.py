@@ -11,6 +11,7 @@ index part is rebuilt.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -169,15 +170,19 @@ class IndexCache:
     def has(self, bid: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM blobs WHERE id=? LIMIT 1", (bid,)).fetchone() is not None
 
+    # The queries below return ONE row holding a JSON array: the sqlite3 module releases and
+    # retakes the GIL for every row, which behind busy worker threads costs far more than the
+    # lookup itself (30 us instead of 2 us per id in a restore).
     def present(self, ids: list[bytes]) -> set[bytes]:
         """The subset of ``ids`` the index knows (one query per 500 ids)."""
         out: set[bytes] = set()
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = ",".join("?" * len(part))
-            out.update(
-                r[0] for r in self.db.execute(f"SELECT DISTINCT id FROM blobs WHERE id IN ({q})", part)
-            )
+            (doc,) = self.db.execute(
+                f"SELECT json_group_array(DISTINCT hex(id)) FROM blobs WHERE id IN ({q})", part
+            ).fetchone()
+            out.update(bytes.fromhex(h) for h in json.loads(doc))
         return out
 
     def lookup_many(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
@@ -186,11 +191,14 @@ class IndexCache:
         for i in range(0, len(batch), 500):
             part = batch[i : i + 500]
             q = ",".join("?" * len(part))
-            for row in self.db.execute(
-                f"SELECT id, pack, type, codec, raw_length, offset, length FROM blobs WHERE id IN ({q})",
+            (doc,) = self.db.execute(
+                "SELECT json_group_array(json_array(hex(id), hex(pack), type, codec, raw_length, offset, "
+                f"length)) FROM blobs WHERE id IN ({q})",
                 part,
-            ):
-                out[row[0]] = _row_to_location(row[0], row[1:])
+            ).fetchone()
+            for bid, pack, *rest in json.loads(doc):
+                key = bytes.fromhex(bid)
+                out[key] = _row_to_location(key, (bytes.fromhex(pack), *rest))
         return out
 
     def blobs_in_pack(self, pack: bytes) -> list[BlobEntry]:
