@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +133,7 @@ class Cipher:
         self.id_key = master[:32]
         self.enc_key = master[32:]
         self.encrypted = encrypted
-        self._zc = zstandard.ZstdCompressor(level=3)
+        self._local = threading.local()  # zstd contexts are not thread-safe
 
     # ids -------------------------------------------------------------------------------------
     def blob_id(self, data: bytes | memoryview) -> bytes:
@@ -170,7 +171,10 @@ class Cipher:
     # sealed objects (pack TOC, index, manifest) -----------------------------------------------
     def seal(self, magic: bytes, plain: bytes) -> bytes:
         """magic | salt | AEAD(zstd(plain)) -- or, unencrypted, magic | salt | zstd(plain) | tag."""
-        body = self._zc.compress(plain)
+        zc = getattr(self._local, "zc", None)
+        if zc is None:
+            zc = self._local.zc = zstandard.ZstdCompressor(level=3)
+        body = zc.compress(plain)
         salt = os.urandom(SALT_LEN)
         if self.encrypted:
             return magic + salt + self._aead(salt).encrypt(_ZERO_NONCE, body, magic)

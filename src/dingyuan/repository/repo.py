@@ -75,7 +75,7 @@ from .locks import RepoLock
 from .manifest import Snapshot, canonical, utcnow
 from .tree import TreeReader
 
-DEFAULT_PACK_SIZE = 16 << 20
+DEFAULT_PACK_SIZE = 8 << 20
 DEFAULT_CHUNK_SIZE = 64 << 10
 DEFAULT_FANOUT = 256
 ENCRYPTIONS = ("aes-256-gcm", "none")

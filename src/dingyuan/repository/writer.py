@@ -30,6 +30,8 @@ from .format import (
 from .repo import Repository
 
 INDEX_EVERY = 32  # packs per index object while a long backup runs
+PACKS_IN_MEMORY = 4  # one being filled, the others being sealed, written and fsynced
+UPLOADERS = 2  # one pack's fsync wait overlaps the next one's hashing and writing
 
 
 class PackBuilder:
@@ -69,14 +71,17 @@ class BlobWriter:
         self._claimed: set[bytes] = set()
         self._claim_lock = threading.Lock()
         self._builder: PackBuilder | None = None
-        # at most two packs in memory: one being filled, one being sealed and uploaded
-        self._slots = threading.Semaphore(2)
+        self._slots = threading.Semaphore(PACKS_IN_MEMORY)
         self._queue: queue.Queue[PackBuilder | None] = queue.Queue()
         self._durable: list[PackRef] = []
         self._durable_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._upload_loop, name="pack-upload", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._upload_loop, name=f"pack-upload-{i}", daemon=True)
+            for i in range(UPLOADERS)
+        ]
+        for t in self._threads:
+            t.start()
         self.bytes_stored = 0
         self.blobs_added = 0
         self.packs_written = 0
@@ -155,8 +160,10 @@ class BlobWriter:
         self._write_index()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
 
     def __enter__(self) -> BlobWriter:
         return self
