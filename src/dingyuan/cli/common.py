@@ -15,14 +15,6 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from ..errors import PassphraseRequired, UsageError
 from ..repository.backends.local import LocalBackend
@@ -105,6 +97,15 @@ def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int
     if not enabled or not err_console.is_terminal:
         yield None
         return
+    from rich.progress import (  # only on a terminal: it costs a noticeable part of start-up
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -6,6 +6,7 @@ Exit status: 0 on success; a DingyuanError's ``exit_code`` otherwise (2 usage, 1
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 import sys
 
@@ -13,23 +14,41 @@ import click
 
 from .. import __version__
 from ..errors import DingyuanError
-from . import maintenance, repo_cmd, snapshot_cmd, transfer
 from .common import err_console
 
+#: command name -> "module:attribute"; modules are imported only for the command that runs
+#: (a backup does not pay for the imports of gc, verify or rich tables).
+COMMANDS = {
+    "repo": "repo_cmd:repo",
+    "backup": "transfer:backup",
+    "restore": "transfer:restore",
+    "snapshot": "snapshot_cmd:snapshot",
+    "verify": "maintenance:verify",
+    "forget": "maintenance:forget",
+    "gc": "maintenance:gc",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="dingyuan")
 def cli() -> None:
     """dingyuan: block-level disaster recovery and continuous data protection."""
-
-
-cli.add_command(repo_cmd.repo)
-cli.add_command(transfer.backup)
-cli.add_command(transfer.restore)
-cli.add_command(snapshot_cmd.snapshot)
-cli.add_command(maintenance.verify)
-cli.add_command(maintenance.forget)
-cli.add_command(maintenance.gc)
 
 
 def main() -> None:
