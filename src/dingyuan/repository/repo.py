@@ -203,6 +203,12 @@ class Repository:
         name = f"{where} blob {entry.id.hex()[:16]}"
         payload = self.cipher.open_blob(stored, entry.id + bytes([entry.type]), name)
         if entry.codec == Codec.ZSTD:
+            try:
+                declared = zstandard.frame_content_size(payload)
+            except zstandard.ZstdError as e:
+                raise CorruptObject(name=name, detail=f"bad compressed frame: {e}") from None
+            if declared > entry.raw_length:  # -1 when the frame does not say
+                raise CorruptObject(name=name, detail="compressed frame declares too much output")
             dctx = getattr(self._local, "dctx", None)
             if dctx is None:
                 dctx = self._local.dctx = zstandard.ZstdDecompressor()
@@ -254,7 +260,17 @@ class Repository:
         if toc_len > size - PACK_HEADER.size - PACK_TRAILER.size:
             raise CorruptObject(name=name, detail="table of contents length out of range")
         sealed = self.backend.get_range(name, size - PACK_TRAILER.size - toc_len, toc_len)
-        return decode_toc(self.cipher.unseal(TOC_MAGIC, sealed, name), name)
+        entries = decode_toc(self.cipher.unseal(TOC_MAGIC, sealed, name), name)
+        pos = PACK_HEADER.size  # blobs tile [header, TOC) in order, without gaps or overlaps
+        for e in entries:
+            if e.offset != pos:
+                raise CorruptObject(
+                    name=name, detail=f"table of contents entry at {e.offset}, expected {pos}"
+                )
+            pos += e.length
+        if pos != size - PACK_TRAILER.size - toc_len:
+            raise CorruptObject(name=name, detail="table of contents does not cover the pack")
+        return entries
 
     @staticmethod
     def check_pack_bytes(pack: bytes, data: bytes) -> None:
