@@ -15,7 +15,6 @@ the number of batches in flight, one pack being built and two being uploaded.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import socket
 import stat
@@ -27,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
+import blake3
 import zstandard
 
 from ..errors import SourceError, UsageError
@@ -94,6 +94,7 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 Run = tuple[int, int]  # (first chunk, chunk count)
+BatchResult = tuple[list[bytes], dict[int, tuple[Codec, int, "Buffer"]]]
 
 
 def chunk_runs(fd: int, size: int, cs: int) -> Iterator[Run]:
@@ -164,36 +165,37 @@ class _Worker:
 
     def __call__(
         self, buf: memoryview, runs: list[Run], size: int, parent_ids: list[bytes] | None
-    ) -> list[tuple[bytes, Codec, int, Buffer | None]]:
+    ) -> BatchResult:
+        """Ids of the batch's chunks in order, and the sealed blobs of the new ones by position."""
         buf = self._read(buf, runs, size)
         zc: zstandard.ZstdCompressor | None = getattr(self.local, "zc", None)
         if zc is None:
             zc = self.local.zc = zstandard.ZstdCompressor(level=COMPRESS_LEVEL, write_content_size=False)
-        cipher = self.repo.cipher
-        cs = self.cs
-        pieces = [buf[pos : pos + cs] for pos in range(0, len(buf), cs)]
-        ids: list[bytes] = []
-        candidates: list[bytes] = []
-        for k, piece in enumerate(pieces):
-            bid = cipher.blob_id(piece)
-            if bid == self.zero_id(len(piece)):
-                ids.append(ZERO_ID)
+        cipher, cs, key, hasher = self.repo.cipher, self.cs, self.repo.cipher.id_key, blake3.blake3
+        ids = [hasher(buf[p : p + cs], key=key).digest() for p in range(0, len(buf), cs)]
+        zero = self.zero_id(cs)
+        if len(buf) % cs and ids[-1] == self.zero_id(len(buf) % cs):
+            ids[-1] = ZERO_ID
+        ids = [ZERO_ID if bid == zero else bid for bid in ids]
+        if parent_ids is None:
+            candidates = [k for k, bid in enumerate(ids) if bid != ZERO_ID]
+        else:
+            candidates = [k for k, bid in enumerate(ids) if bid != ZERO_ID and bid != parent_ids[k]]
+        new: dict[int, tuple[Codec, int, Buffer]] = {}
+        if not candidates:
+            return ids, new
+        present = self.repo.cache.present([ids[k] for k in candidates])
+        for k in candidates:
+            bid = ids[k]
+            if bid in present or not self.writer.claim(bid):
                 continue
-            ids.append(bid)
-            if parent_ids is None or parent_ids[k] != bid:
-                candidates.append(bid)
-        fresh = set(candidates) - self.repo.cache.present(candidates) if candidates else set()
-        out: list[tuple[bytes, Codec, int, Buffer | None]] = []
-        for bid, piece in zip(ids, pieces, strict=True):
+            piece = buf[k * cs : (k + 1) * cs]
             n = len(piece)
-            if bid not in fresh or not self.writer.claim(bid):
-                out.append((bid, Codec.RAW, n, None))
-                continue
             packed: bytes = zc.compress(piece)
             codec = Codec.ZSTD if len(packed) < n - n // 32 else Codec.RAW
             payload = packed if codec == Codec.ZSTD else piece
-            out.append((bid, codec, n, cipher.seal_blob(payload, bid + bytes([BlobType.CHUNK]))))
-        return out
+            new[k] = (codec, n, cipher.seal_blob(payload, bid + bytes([BlobType.CHUNK])))
+        return ids, new
 
 
 def backup(
@@ -273,20 +275,21 @@ def _run(
         builder = TreeBuilder(fanout, nchunks, store_node)
         work = _Worker(repo, writer, fd, source, cs)
         per_batch = max(1, BATCH_BYTES // cs)
-        inflight: deque[tuple[list[Run], Future[list[tuple[bytes, Codec, int, Buffer | None]]]]] = deque()
+        inflight: deque[tuple[list[Run], Future[BatchResult]]] = deque()
 
         def consume() -> None:
             nonlocal chunks_new, bytes_new
             runs, fut = inflight.popleft()
-            results = iter(fut.result())
+            ids, new = fut.result()
+            for k, (codec, raw, stored) in new.items():
+                writer.add(ids[k], BlobType.CHUNK, codec, raw, stored)
+                chunks_new += 1
+                bytes_new += raw
+            pos = 0
             for first, count in runs:
                 builder.skip_to(first)
-                for bid, codec, raw, stored in itertools.islice(results, count):
-                    if stored is not None:
-                        writer.add(bid, BlobType.CHUNK, codec, raw, stored)
-                        chunks_new += 1
-                        bytes_new += raw
-                    builder.add(bid)
+                builder.add_many(ids[pos : pos + count])
+                pos += count
             if progress:
                 progress(min(builder.next * cs, size), size)
 

@@ -54,6 +54,20 @@ class TreeBuilder:
         self._push(0, chunk_id)
         self.next += 1
 
+    def add_many(self, chunk_ids: list[bytes]) -> None:
+        """``add`` for each id, filling level 0 a node's worth at a time."""
+        i, n = 0, len(chunk_ids)
+        while i < n:
+            pend = self.pending[0]
+            take = min(n - i, self.fanout - len(pend)) if self.height > 1 else n - i
+            if take == 1:
+                self._push(0, chunk_ids[i])
+            else:
+                pend.extend(chunk_ids[i : i + take - 1])
+                self._push(0, chunk_ids[i + take - 1])  # the last one may complete the node
+            i += take
+        self.next += n
+
     def skip_to(self, index: int) -> None:
         """Chunks ``[next, index)`` are all zero."""
         f = self.fanout
