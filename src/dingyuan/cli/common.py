@@ -92,25 +92,34 @@ def emit_json(obj: Any) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar (bytes, throughput, ETA) on stderr, or None when not on a terminal."""
+def progress_bar(
+    description: str, enabled: bool, unit: str = "bytes"
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr, or None when not on a terminal. ``unit`` "bytes" shows
+    bytes, throughput and ETA; any other unit shows "done/total unit" and ETA."""
     if not enabled or not err_console.is_terminal:
         yield None
         return
     from rich.progress import (  # only on a terminal: it costs a noticeable part of start-up
         BarColumn,
         DownloadColumn,
+        MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
+    amount: list[ProgressColumn] = (
+        [DownloadColumn(binary_units=True), TransferSpeedColumn()]
+        if unit == "bytes"
+        else [MofNCompleteColumn(), TextColumn(unit)]
+    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        *amount,
         TimeRemainingColumn(),
         console=err_console,
         transient=True,

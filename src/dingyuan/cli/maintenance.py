@@ -11,7 +11,7 @@ from ..repository.gc import gc as run_gc
 from ..repository.manifest import utcnow
 from ..repository.retention import KeepPolicy, apply_policy
 from ..repository.verify import verify as run_verify
-from .common import emit_json, human_bytes, json_option, open_repo, out_console, repo_options
+from .common import emit_json, human_bytes, json_option, open_repo, out_console, progress_bar, repo_options
 
 
 @click.command()
@@ -31,7 +31,8 @@ def verify(
 ) -> None:
     """Check the repository; exit 40 and name the affected snapshots if anything is wrong."""
     repo = open_repo(repo_path, passphrase_file, cache_dir)
-    report = run_verify(repo, read_data=read_data, subset=subset)
+    with progress_bar("verify", not as_json, unit="packs") as progress:
+        report = run_verify(repo, read_data=read_data, subset=subset, progress=progress)
     if as_json:
         emit_json(report.as_dict())
     else:
