@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .format import BlobEntry, BlobType, Codec, PackRef
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -233,6 +233,19 @@ class IndexCache:
             "SELECT id, json_extract(doc, '$.core.root'), json_extract(doc, '$.core.height') FROM snapshots"
         )
         return {r[0]: (bytes.fromhex(r[1]), int(r[2])) for r in rows}
+
+    def latest_doc(self, volume: str, host: str | None) -> str | None:
+        """The cached document of the newest snapshot of a volume (fixed-width UTC times sort as text)."""
+        if host is None:
+            row = self.db.execute(
+                "SELECT doc FROM snapshots WHERE volume=? ORDER BY time DESC, id DESC LIMIT 1", (volume,)
+            ).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT doc FROM snapshots WHERE host=? AND volume=? ORDER BY time DESC, id DESC LIMIT 1",
+                (host, volume),
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def snapshot_docs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT doc FROM snapshots ORDER BY time, id")]

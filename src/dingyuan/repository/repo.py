@@ -72,7 +72,7 @@ from .format import (
     snapshot_name,
 )
 from .locks import RepoLock
-from .manifest import Snapshot, canonical, utcnow
+from .manifest import Snapshot, canonical, fmt_time, utcnow
 from .tree import TreeReader
 
 DEFAULT_PACK_SIZE = 8 << 20
@@ -411,7 +411,7 @@ class Repository:
 
     def _cache_snapshots(self, snaps: list[Snapshot]) -> None:
         self.cache.put_snapshots(
-            (s.id, s.volume, s.host, s.time.isoformat(), json.dumps(s.doc()), s.revision) for s in snaps
+            (s.id, s.volume, s.host, fmt_time(s.time), json.dumps(s.doc()), s.revision) for s in snaps
         )
 
     def sync_snapshots(self) -> None:
@@ -445,8 +445,10 @@ class Repository:
         return out
 
     def latest(self, volume: str, host: str | None = None) -> Snapshot | None:
-        cands = [s for s in self.snapshots() if s.volume == volume and (host is None or s.host == host)]
-        return max(cands, key=lambda s: (s.time, s.id)) if cands else None
+        """The newest snapshot of a volume (of one host, if given), found in the cache by index."""
+        self.sync_snapshots()
+        doc = self.cache.latest_doc(volume, host)
+        return None if doc is None else Snapshot.from_doc(json.loads(doc), "cache")
 
     def resolve(self, ref: str) -> Snapshot:
         """A snapshot by id, unique id prefix, ``VOLUME@latest`` or ``HOST:VOLUME@latest``."""
