@@ -1,0 +1,73 @@
+"""Opening the catalog: an engine whose schema the alembic migrations bring to the newest revision.
+
+SQLite (a file next to the vault's state) is the default; PostgreSQL works by URL
+(``postgresql+psycopg://...``) but is not tested yet. The migrations ship inside the package and
+run programmatically, so no ``alembic.ini`` is needed at runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def sqlite_url(path: str | Path) -> str:
+    """The SQLAlchemy URL of a SQLite catalog file."""
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def alembic_config() -> Config:
+    """An alembic configuration built in code, pointing at the packaged migrations."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
+    return cfg
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cur.close()
+
+
+def create_catalog_engine(url: str) -> Engine:
+    """An engine without migrating; on SQLite every connection enforces foreign keys and uses WAL."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the catalog's schema to ``revision`` (a no-op when it is there already)."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def open_catalog(url: str) -> Engine:
+    """Open (creating if needed) the catalog at ``url`` and migrate it to the newest schema."""
+    engine = create_catalog_engine(url)
+    migrate(engine)
+    return engine
