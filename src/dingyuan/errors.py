@@ -25,6 +25,10 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   └── StorageIOError            EIO and other OS errors
     ├── SourceError                   exit 30 (reading the volume to back up)
     ├── RestoreTargetError            exit 31 (writing the restore target)
+    ├── VaultError                    exit 2  (the vault's directory and configuration)
+    │   ├── VaultExists
+    │   ├── VaultNotFound
+    │   └── VaultConfigError          unreadable or unsupported vault.json
     └── VerifyFailed                  exit 40 (verify found problems)
 """
 
@@ -142,6 +146,23 @@ class RestoreTargetError(DingyuanError):
     """Cannot write the restore target {target}: {detail}"""
 
     exit_code = 31
+
+
+class VaultError(DingyuanError):
+    """{detail}"""
+
+
+class VaultExists(VaultError):
+    """A vault already exists at {location}; refusing to overwrite it."""
+
+
+class VaultNotFound(VaultError):
+    """No dingyuan vault at {location}: create one with 'dingyuan vault init' or check --dir /
+    DINGYUAN_VAULT_DIR."""
+
+
+class VaultConfigError(VaultError):
+    """The vault configuration {path} cannot be used: {detail}"""
 
 
 class VerifyFailed(DingyuanError):

@@ -26,6 +26,7 @@ COMMANDS = {
     "verify": "maintenance:verify",
     "forget": "maintenance:forget",
     "gc": "maintenance:gc",
+    "vault": "vault_cmd:vault",
 }
 
 
