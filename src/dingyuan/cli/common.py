@@ -75,6 +75,21 @@ def read_passphrase(passphrase_file: Path | None, prompt: bool, confirm: bool = 
     return None
 
 
+def new_passphrase(passphrase_file: Path | None, encryption: str, what: str) -> bytes | None:
+    """The passphrase for a new encrypted repository (asked twice on a terminal), or, for
+    ``--encryption none``, None and a loud warning."""
+    if encryption == "none":
+        err_console.print(
+            f"[bold red]WARNING: {what} is NOT encrypted: anyone who can read its storage can read "
+            "every backed-up disk.[/]"
+        )
+        return None
+    passphrase = read_passphrase(passphrase_file, prompt=True, confirm=True)
+    if not passphrase:
+        raise PassphraseRequired()
+    return passphrase
+
+
 def open_repo(repo_path: str | None, passphrase_file: Path | None, cache_dir: Path | None) -> Repository:
     backend = backend_for(repo_path)
     cache = cache_dir or default_cache_dir()

@@ -6,16 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..errors import PassphraseRequired
 from ..repository.repo import DEFAULT_PACK_SIZE, ENCRYPTIONS, Repository, default_cache_dir
 from .common import (
     backend_for,
     emit_json,
-    err_console,
     json_option,
+    new_passphrase,
     open_repo,
     parse_size,
-    read_passphrase,
     repo_options,
 )
 
@@ -40,16 +38,7 @@ def init(
 ) -> None:
     """Create a new repository."""
     backend = backend_for(repo_path)
-    passphrase = None
-    if encryption != "none":
-        passphrase = read_passphrase(passphrase_file, prompt=True, confirm=True)
-        if not passphrase:
-            raise PassphraseRequired()
-    else:
-        err_console.print(
-            "[bold red]WARNING: this repository is NOT encrypted: anyone who can read its storage "
-            "can read every backed-up disk.[/]"
-        )
+    passphrase = new_passphrase(passphrase_file, encryption, "this repository")
     r = Repository.init(
         backend, passphrase, encryption, cache_dir or default_cache_dir(), pack_size=parse_size(pack_size)
     )

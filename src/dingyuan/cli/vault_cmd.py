@@ -7,9 +7,8 @@ from typing import Any
 
 import click
 
-from ..errors import PassphraseRequired
 from ..repository.repo import ENCRYPTIONS
-from .common import F, emit_json, err_console, json_option, open_repo, read_passphrase
+from .common import F, emit_json, json_option, new_passphrase, open_repo
 
 
 def vault_dir_option(f: F) -> F:
@@ -60,16 +59,7 @@ def init(
     """Create a vault: its repository, catalog, TLS CA and server certificate."""
     from ..vault.config import init_vault
 
-    passphrase = None
-    if encryption != "none":
-        passphrase = read_passphrase(passphrase_file, prompt=True, confirm=True)
-        if not passphrase:
-            raise PassphraseRequired()
-    else:
-        err_console.print(
-            "[bold red]WARNING: this vault's repository is NOT encrypted: anyone who can read its "
-            "storage can read every backed-up disk.[/]"
-        )
+    passphrase = new_passphrase(passphrase_file, encryption, "this vault's repository")
     cfg = init_vault(vault_dir, passphrase, encryption, hostnames)
     info = {
         "dir": str(cfg.dir),
