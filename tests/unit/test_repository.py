@@ -459,3 +459,19 @@ def test_a_malformed_lock_record_is_stale(repo: Repository, fields: dict[str, ob
     repo.backend.create("locks/malformed", lock_doc(**fields))
     with repo.lock(exclusive=True, purpose="gc", wait=0.3) as lk:
         assert [n for n, _ in repo.backend.list("locks/")] == [lk.name]
+
+
+def test_diff_names_exactly_the_changed_chunks(repo: Repository, tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    data = random_file(img, 4096 * 300 + 100)
+    first = backup(repo, str(img), "vol", chunk_size=4096).snapshot
+    for offset in (4096 * 7 + 5, 4096 * 250, len(data) - 1):  # two chunks and the short last one
+        data[offset] ^= 0xFF
+    data.extend(b"more")  # the volume grows: its new tail differs too
+    img.write_bytes(data)
+    second = backup(repo, str(img), "vol", chunk_size=4096).snapshot
+    assert repo.diff(first, second) == [(4096 * 7, 4096), (4096 * 250, 4096), (4096 * 300, 104)]
+    assert repo.diff(second, second) == []
+    other = backup(repo, str(img), "other", chunk_size=8192).snapshot
+    with pytest.raises(UsageError):
+        repo.diff(first, other)

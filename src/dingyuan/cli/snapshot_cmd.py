@@ -10,7 +10,6 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..repository.manifest import fmt_time, utcnow
-from ..repository.tree import changed_chunks, runs
 from .common import emit_json, human_bytes, json_option, open_repo, out_console, parse_duration, repo_options
 
 
@@ -95,13 +94,7 @@ def diff(
     """Byte ranges that differ between two snapshots (unchanged subtrees are skipped)."""
     repo = open_repo(repo_path, passphrase_file, cache_dir)
     a, b = repo.resolve(first), repo.resolve(second)
-    if a.chunk_size != b.chunk_size:
-        raise UsageError("the snapshots have different chunk sizes; compare their restored images instead")
-    cs = a.chunk_size
-    ranges = [
-        (i * cs, min((i + n) * cs, max(a.size, b.size)) - i * cs)
-        for i, n in runs(changed_chunks(repo.tree(a), repo.tree(b)))
-    ]
+    ranges = repo.diff(a, b)
     changed = sum(n for _, n in ranges)
     if as_json:
         emit_json({"from": a.id, "to": b.id, "changed_bytes": changed, "ranges": ranges})

@@ -73,7 +73,7 @@ from .format import (
 )
 from .locks import RepoLock
 from .manifest import Snapshot, canonical, fmt_time, utcnow
-from .tree import TreeReader
+from .tree import TreeReader, changed_chunks, runs
 
 DEFAULT_PACK_SIZE = 8 << 20
 DEFAULT_CHUNK_SIZE = 64 << 10
@@ -246,6 +246,21 @@ class Repository:
 
     def tree(self, snap: Snapshot) -> TreeReader:
         return TreeReader(snap.root, snap.height, snap.fanout, snap.nchunks, self.load_tree_node)
+
+    def diff(self, a: Snapshot, b: Snapshot) -> list[tuple[int, int]]:
+        """Byte ranges ``(offset, length)`` whose chunks differ between two snapshots of the same
+        chunk size; equal subtrees are skipped. Holds a shared lock: gc may move tree nodes."""
+        if a.chunk_size != b.chunk_size:
+            raise UsageError(
+                "the snapshots have different chunk sizes; compare their restored images instead"
+            )
+        cs, end = a.chunk_size, max(a.size, b.size)
+        with self.lock(exclusive=False, purpose="diff"):
+            self.sync_index()
+            return [
+                (i * cs, min((i + n) * cs, end) - i * cs)
+                for i, n in runs(changed_chunks(self.tree(a), self.tree(b)))
+            ]
 
     def read_pack_toc(self, pack: bytes, size: int) -> list[BlobEntry]:
         """Read a pack's own table of contents (from its trailer)."""
