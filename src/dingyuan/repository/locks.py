@@ -14,11 +14,12 @@ operation      takes       conflicts
 backup         shared      gc
 restore        shared      gc
 verify         shared      gc
+diff           shared      gc
 gc             exclusive   everything
 list, show     none        --
 =============  ==========  ==========
 
-Restore and verify take a shared lock because gc rewrites packs (a live blob moves to a new
+Restore, verify and diff take a shared lock because gc rewrites packs (a live blob moves to a new
 pack). Listing needs no lock: manifests are only created or replaced atomically.
 """
 
