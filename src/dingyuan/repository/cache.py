@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .format import BlobEntry, BlobType, Codec, PackRef
 
@@ -173,32 +174,31 @@ class IndexCache:
     # The queries below return ONE row holding a JSON array: the sqlite3 module releases and
     # retakes the GIL for every row, which behind busy worker threads costs far more than the
     # lookup itself (30 us instead of 2 us per id in a restore).
-    def present(self, ids: list[bytes]) -> set[bytes]:
-        """The subset of ``ids`` the index knows (one query per 500 ids)."""
-        out: set[bytes] = set()
+    def _json_by_ids(self, select: str, ids: list[bytes]) -> Iterator[Any]:
+        """Run ``SELECT json_group_array(<select>) FROM blobs WHERE id IN (...)`` for ``ids``, 500
+        at a time, and yield the decoded array elements."""
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = ",".join("?" * len(part))
             (doc,) = self.db.execute(
-                f"SELECT json_group_array(DISTINCT hex(id)) FROM blobs WHERE id IN ({q})", part
+                f"SELECT json_group_array({select}) FROM blobs WHERE id IN ({q})", part
             ).fetchone()
-            out.update(bytes.fromhex(h) for h in json.loads(doc))
-        return out
+            yield from json.loads(doc)
+
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """The subset of ``ids`` the index knows."""
+        return {bytes.fromhex(h) for h in self._json_by_ids("DISTINCT hex(id)", ids)}
+
+    def packs_holding(self, ids: list[bytes]) -> set[bytes]:
+        """Every pack that holds a copy of any of ``ids``."""
+        return {bytes.fromhex(h) for h in self._json_by_ids("DISTINCT hex(pack)", ids)}
 
     def lookup_many(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
         out: dict[bytes, Location] = {}
-        batch = list(set(ids))
-        for i in range(0, len(batch), 500):
-            part = batch[i : i + 500]
-            q = ",".join("?" * len(part))
-            (doc,) = self.db.execute(
-                "SELECT json_group_array(json_array(hex(id), hex(pack), type, codec, raw_length, offset, "
-                f"length)) FROM blobs WHERE id IN ({q})",
-                part,
-            ).fetchone()
-            for bid, pack, *rest in json.loads(doc):
-                key = bytes.fromhex(bid)
-                out[key] = _row_to_location(key, (bytes.fromhex(pack), *rest))
+        select = "json_array(hex(id), hex(pack), type, codec, raw_length, offset, length)"
+        for bid, pack, *rest in self._json_by_ids(select, list(set(ids))):
+            key = bytes.fromhex(bid)
+            out[key] = _row_to_location(key, (bytes.fromhex(pack), *rest))
         return out
 
     def blobs_in_pack(self, pack: bytes) -> list[BlobEntry]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import CorruptObject
-from .format import ZERO_ID, BlobType, PackRef, pack_name
+from .format import ZERO_ID, BlobType, PackRef, note_name, pack_name
 from .repo import Repository
 from .writer import PackBuilder
 
@@ -87,7 +87,7 @@ def gc(repo: Repository) -> GcReport:
         repo.recover_packs(delete_useless=True)
         repo.sync_snapshots()
         snaps = repo.cache.snapshot_roots()
-        listed = {n.rsplit("/", 1)[-1] for n, _ in repo.backend.list("snapshots/")}
+        listed = repo.snapshot_names()
         if listed - snaps.keys():
             raise CorruptObject(
                 name=f"snapshots/{sorted(listed - snaps.keys())[0]}",
@@ -120,15 +120,11 @@ def gc(repo: Repository) -> GcReport:
                 )
                 db.execute("UPDATE index_files SET gc_seen=1 WHERE name=?", (name,))
         _sweep(repo, report)
-        newest: dict[str, int] = {}
-        notes = [
-            (n, p) for n, _ in repo.backend.list("notes/") if len(p := n.split("/")) == 3 and p[2].isdigit()
-        ]
-        for _, (_, sid, rev) in notes:
-            newest[sid] = max(newest.get(sid, 0), int(rev))
-        for name, (_, sid, rev) in notes:  # notes of deleted snapshots, superseded revisions
-            if sid not in snaps or int(rev) < newest[sid]:
-                repo.backend.delete(name)
+        notes = repo.note_names()
+        newest = repo.note_revisions(notes)
+        for sid, rev in notes:  # notes of deleted snapshots, superseded revisions
+            if sid not in snaps or rev < newest[sid]:
+                repo.backend.delete(note_name(sid, rev))
     return report
 
 
@@ -137,12 +133,8 @@ def _sweep(repo: Repository, report: GcReport) -> None:
     dead = {r[0] for r in db.execute("SELECT id FROM refs WHERE count=0")}
     if not dead:
         return
-    affected: set[bytes] = set()
     dead_list = list(dead)
-    for i in range(0, len(dead_list), 500):
-        part = dead_list[i : i + 500]
-        q = ",".join("?" * len(part))
-        affected.update(r[0] for r in db.execute(f"SELECT DISTINCT pack FROM blobs WHERE id IN ({q})", part))
+    affected = repo.cache.packs_holding(dead_list)
     # 1. live blobs of affected packs move to new, durable packs
     new_refs: list[PackRef] = []
     builder = PackBuilder()

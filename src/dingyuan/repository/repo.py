@@ -343,13 +343,26 @@ class Repository:
     def _encode_manifest(self, snap: Snapshot) -> bytes:
         return self.cipher.seal_json(MANIFEST_MAGIC, {"core": snap.core()})
 
-    def _note_revisions(self, prefix: str = "notes/") -> dict[str, int]:
-        """Snapshot id -> newest note revision, from one listing."""
-        out: dict[str, int] = {}
+    def snapshot_names(self) -> set[str]:
+        """The ids of every manifest in the repository, from one listing."""
+        return {n.rsplit("/", 1)[-1] for n, _ in self.backend.list("snapshots/")}
+
+    def note_names(self, prefix: str = "notes/") -> list[tuple[str, int]]:
+        """``(snapshot id, revision)`` of every note under ``prefix``, from one listing; names that
+        are not ``notes/<id>/<digits>`` are ignored."""
+        out = []
         for name, _ in self.backend.list(prefix):
             parts = name.split("/")
             if len(parts) == 3 and parts[2].isdigit():
-                out[parts[1]] = max(out.get(parts[1], 0), int(parts[2]))
+                out.append((parts[1], int(parts[2])))
+        return out
+
+    @staticmethod
+    def note_revisions(notes: list[tuple[str, int]]) -> dict[str, int]:
+        """Snapshot id -> its newest note revision."""
+        out: dict[str, int] = {}
+        for sid, rev in notes:
+            out[sid] = max(out.get(sid, 0), rev)
         return out
 
     def _apply_note(self, snap: Snapshot, revision: int) -> None:
@@ -372,7 +385,7 @@ class Repository:
         snap.id = self.snapshot_id(snap)
         if snap.id != sid:
             raise CorruptObject(name=name, detail="manifest does not match its id")
-        revision = self._note_revisions(f"notes/{sid}/").get(sid)
+        revision = self.note_revisions(self.note_names(f"notes/{sid}/")).get(sid)
         if revision is not None:
             self._apply_note(snap, revision)
         return snap
@@ -434,8 +447,8 @@ class Repository:
 
         A manifest that cannot be read is left out here; 'dingyuan verify' reports it.
         """
-        listed = {n.rsplit("/", 1)[-1] for n, _ in self.backend.list("snapshots/")}
-        revisions = self._note_revisions()
+        listed = self.snapshot_names()
+        revisions = self.note_revisions(self.note_names())
         known = self.cache.snapshot_revisions()
         gone = known.keys() - listed
         if gone:
@@ -481,9 +494,7 @@ class Repository:
             raise SnapshotNotFound(ref=ref)
         self.sync_snapshots()
         # the listing, not the cache: a manifest that cannot be read must say so when named
-        hits = sorted(
-            sid for n, _ in self.backend.list("snapshots/") if (sid := n.rsplit("/", 1)[-1]).startswith(ref)
-        )
+        hits = sorted(sid for sid in self.snapshot_names() if sid.startswith(ref))
         if not hits:
             raise SnapshotNotFound(ref=ref)
         if len(hits) > 1:

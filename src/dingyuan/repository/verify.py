@@ -141,8 +141,7 @@ def _verify(repo: Repository, read_data: bool, subset: float, progress: Progress
         memo[node] = err
         return err
 
-    for name, _ in sorted(repo.backend.list("snapshots/")):
-        sid = name.rsplit("/", 1)[-1]
+    for sid in sorted(repo.snapshot_names()):
         report.snapshots += 1
         try:
             snap = repo.read_snapshot(sid)

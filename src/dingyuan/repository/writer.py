@@ -83,8 +83,6 @@ class BlobWriter:
         for t in self._threads:
             t.start()
         self.bytes_stored = 0
-        self.blobs_added = 0
-        self.packs_written = 0
 
     # dedup -----------------------------------------------------------------------------------
     def claim(self, bid: bytes) -> bool:
@@ -107,7 +105,6 @@ class BlobWriter:
             self._builder = PackBuilder()
         self._builder.add(bid, btype, codec, raw_length, stored)
         self.bytes_stored += len(stored)
-        self.blobs_added += 1
         if self._builder.size >= self.pack_size:
             self._ship()
         if len(self._durable) >= self.index_every:
@@ -130,7 +127,6 @@ class BlobWriter:
                     self.repo.backend.put(pack_name(pack), parts)
                     with self._durable_lock:
                         self._durable.append(PackRef(pack, data_len(parts), entries))
-                        self.packs_written += 1
             except BaseException as e:  # handed to the caller's thread
                 self._error = e
             finally:
