@@ -15,13 +15,30 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.orm import Session
 from support import write_sparse
 
-from dingyuan.catalog.db import current_revision, head_revision, open_catalog, sqlite_url
+from dingyuan.catalog.db import (
+    create_catalog_engine,
+    current_revision,
+    head_revision,
+    migrate,
+    open_catalog,
+    sqlite_url,
+)
 from dingyuan.catalog.models import AuditEvent, Base, Host, Job, Policy, Snapshot, Token, User, Volume
 from dingyuan.catalog.rebuild import RebuildReport, rebuild_catalog
 from dingyuan.repository.backup import backup
 from dingyuan.repository.repo import Repository
 
-TABLES = {"hosts", "volumes", "snapshots", "policies", "jobs", "users", "tokens", "audit_events"}
+TABLES = {
+    "hosts",
+    "volumes",
+    "snapshots",
+    "policies",
+    "jobs",
+    "users",
+    "tokens",
+    "enrollments",
+    "audit_events",
+}
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 
@@ -35,19 +52,34 @@ def engine(tmp_path: Path) -> Iterator[sa.Engine]:
 def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     first = open_catalog(sqlite_url(path))
-    assert current_revision(first) == head_revision() == "0001"
+    assert current_revision(first) == head_revision() == "0002"
     assert set(sa.inspect(first).get_table_names()) == TABLES | {"alembic_version"}
     with Session(first) as s, s.begin():
         s.add(Host(name="h1"))
     first.dispose()
     again = open_catalog(sqlite_url(path))  # already at head: nothing to do, data kept
-    assert current_revision(again) == "0001"
+    assert current_revision(again) == "0002"
     with Session(again) as s:
         assert s.scalars(sa.select(Host.name)).all() == ["h1"]
     with again.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     again.dispose()
+
+
+def test_upgrading_from_the_first_schema_keeps_rows(tmp_path: Path) -> None:
+    engine = create_catalog_engine(sqlite_url(tmp_path / "catalog.sqlite"))
+    migrate(engine, "0001")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO hosts (id, name, created) VALUES (1, 'h1', '2026-01-01')")
+        conn.exec_driver_sql(
+            "INSERT INTO volumes (id, host_id, name, chunk_size) VALUES (1, 1, 'sda', 65536)"
+        )
+    migrate(engine)
+    with Session(engine) as s:
+        vol = s.scalars(sa.select(Volume)).one()
+        assert (vol.name, vol.enabled, vol.source, vol.policy_id) == ("sda", True, None, None)
+    engine.dispose()
 
 
 def test_models_and_migrations_agree(engine: sa.Engine) -> None:

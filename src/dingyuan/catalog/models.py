@@ -82,11 +82,18 @@ class Host(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
     created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None]  # the agent's latest call
+    agent_version: Mapped[str | None] = mapped_column(String(64))
 
 
 class Volume(Base):
     """One protected disk of one host. Derived from the repository; ``chunk_size`` is that of
-    the volume's newest snapshot (incremental backups keep it)."""
+    the volume's newest snapshot (incremental backups keep it).
+
+    A volume the administrator protects also names its ``source`` on the agent (a block device
+    or a disk-image file) and the ``policy`` that says when to back it up and how long to keep
+    it; those two live only in the catalog (a rebuilt catalog has them empty).
+    """
 
     __tablename__ = "volumes"
     __table_args__ = (UniqueConstraint("host_id", "name"),)
@@ -95,6 +102,9 @@ class Volume(Base):
     host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))  # indexed by the unique key
     name: Mapped[str] = mapped_column(String(255))
     chunk_size: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str | None] = mapped_column(String(4096))
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), index=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class Snapshot(Base):
@@ -122,7 +132,9 @@ class Policy(Base):
 
     ``schedule`` is ``interval`` (every ``interval_seconds``) or ``cron`` (a cron expression);
     ``retention`` holds keep-last / hourly / daily / weekly / monthly / yearly counts;
-    ``lock_for_seconds`` makes new snapshots immutable for that long.
+    ``lock_for_seconds`` makes new snapshots immutable for that long; ``bandwidth_limit`` caps an
+    agent's upload in bytes per second; ``consistency`` and ``quiesce`` name how the agent takes
+    a point in time (crash-consistent by default).
     """
 
     __tablename__ = "policies"
@@ -144,10 +156,17 @@ class Policy(Base):
     lock_for_seconds: Mapped[int | None] = mapped_column(Integer)
     chunk_size: Mapped[int] = mapped_column(Integer)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    bandwidth_limit: Mapped[int | None] = mapped_column(BigInteger)
+    consistency: Mapped[str] = mapped_column(String(32), default="crash")
+    quiesce: Mapped[str | None] = mapped_column(String(255))
 
 
 class Job(Base):
-    """A unit of vault work (backup, verify, gc, replication, ...) and how it went."""
+    """A unit of vault work (backup, verify, gc, replication, ...) and how it went.
+
+    A backup job belongs to a volume (and so a host); the agent running it sends ``heartbeat``
+    and ``progress`` while it works, and the snapshot it made ends it.
+    """
 
     __tablename__ = "jobs"
 
@@ -159,6 +178,10 @@ class Job(Base):
     finished: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    volume_id: Mapped[int | None] = mapped_column(ForeignKey("volumes.id"), index=True)
+    heartbeat: Mapped[datetime | None]
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    snapshot_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class User(Base):
@@ -191,6 +214,20 @@ class Token(Base):
     created: Mapped[datetime] = mapped_column(default=utcnow)
     expires: Mapped[datetime | None]
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Enrollment(Base):
+    """A one-time token with which an agent enrolls as ``host_name``. Only a hash of the secret
+    is stored; ``used`` is set when it is spent."""
+
+    __tablename__ = "enrollments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_name: Mapped[str] = mapped_column(String(255))
+    secret_hash: Mapped[str] = mapped_column(String(255), unique=True)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    expires: Mapped[datetime]
+    used: Mapped[datetime | None]
 
 
 class AuditEvent(Base):
