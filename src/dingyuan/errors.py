@@ -28,7 +28,14 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     ├── VaultError                    exit 2  (the vault's directory and configuration)
     │   ├── VaultExists
     │   ├── VaultNotFound
-    │   └── VaultConfigError          unreadable or unsupported vault.json
+    │   ├── VaultConfigError          unreadable or unsupported vault.json
+    │   └── AgentConfigError          the agent is not enrolled / agent.json unreadable
+    ├── TransferError                 exit 2  (agent-to-vault transfers)
+    │   ├── UploadRejected            a malformed or inconsistent upload
+    │   ├── SessionNotFound           unknown or expired upload session
+    │   ├── IncompleteSnapshot        a commit refers to blobs the vault lacks
+    │   ├── VaultUnreachable          no connection to the vault
+    │   └── VaultRefused              the vault answered with an error
     └── VerifyFailed                  exit 40 (verify found problems)
 """
 
@@ -163,6 +170,37 @@ class VaultNotFound(VaultError):
 
 class VaultConfigError(VaultError):
     """The vault configuration {path} cannot be used: {detail}"""
+
+
+class AgentConfigError(VaultError):
+    """The agent configuration {path} cannot be used: {detail}"""
+
+
+class TransferError(DingyuanError):
+    """{detail}"""
+
+
+class UploadRejected(TransferError):
+    """The upload was rejected: {detail}"""
+
+
+class SessionNotFound(TransferError):
+    """No upload session {session} on this vault (it expired or the vault restarted): start a new
+    backup run."""
+
+
+class IncompleteSnapshot(TransferError):
+    """The snapshot cannot be committed: {detail}. The agent sends the missing blobs on its next
+    run."""
+
+
+class VaultUnreachable(TransferError):
+    """Cannot reach the vault at {url}: {detail}. Check the address, the network and that the vault
+    runs; the agent retries."""
+
+
+class VaultRefused(TransferError):
+    """The vault refused {method} {path} ({status}): {detail}"""
 
 
 class VerifyFailed(DingyuanError):

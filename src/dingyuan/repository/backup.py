@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import blake3
 import zstandard
@@ -126,14 +127,78 @@ def chunk_batches(fd: int, size: int, cs: int, per_batch: int) -> Iterator[list[
         yield batch
 
 
+class BlobSink(Protocol):
+    """Where a scan's new blobs go: the local repository (:class:`RepoSink`) or, for an agent, an
+    upload to the vault. ``present``, ``claim`` and ``seal`` are called from worker threads."""
+
+    id_key: bytes
+
+    @property
+    def bytes_stored(self) -> int:
+        """Bytes added so far, as stored."""
+        ...
+
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """The ids among ``ids`` that need not be stored again."""
+        ...
+
+    def claim(self, bid: bytes) -> bool:
+        """True if ``bid`` is new to this scan (the caller must then add it)."""
+        ...
+
+    def seal(self, bid: bytes, btype: BlobType, payload: Buffer) -> Buffer:
+        """The bytes to store for ``payload``; must not refer to ``payload``'s memory."""
+        ...
+
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None: ...
+
+    def node_is_new(self, nid: bytes) -> bool:
+        """True if tree node ``nid`` must be added (then it is claimed)."""
+        ...
+
+    def flush(self) -> None:
+        """Return once everything added is durable."""
+        ...
+
+
+class RepoSink:
+    """New blobs go into the local repository: sealed with its key, packed by a BlobWriter."""
+
+    def __init__(self, repo: Repository, writer: BlobWriter) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.id_key = repo.cipher.id_key
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.writer.bytes_stored
+
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        return self.repo.cache.present(ids)
+
+    def claim(self, bid: bytes) -> bool:
+        return self.writer.claim(bid)
+
+    def seal(self, bid: bytes, btype: BlobType, payload: Buffer) -> Buffer:
+        return self.repo.cipher.seal_blob(payload, bid + bytes([btype]))
+
+    def add(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None:
+        self.writer.add(bid, btype, codec, raw_length, stored)
+
+    def node_is_new(self, nid: bytes) -> bool:
+        return self.writer.is_new(nid)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
 class _Worker:
     """Per-batch work, run in a thread pool (BLAKE3, zstd and AES release the GIL)."""
 
-    def __init__(self, repo: Repository, writer: BlobWriter, fd: int, source: str, cs: int) -> None:
-        self.repo = repo
+    def __init__(self, sink: BlobSink, fd: int, source: str, cs: int) -> None:
+        self.sink = sink
         self.fd = fd
         self.source = source
-        self.writer = writer
         self.cs = cs
         self.zero_ids: dict[int, bytes] = {}
         self.local = threading.local()
@@ -142,7 +207,7 @@ class _Worker:
         """Id of an all-zero chunk of ``n`` bytes: comparing ids spares a copy per chunk."""
         zid = self.zero_ids.get(n)
         if zid is None:
-            zid = self.zero_ids[n] = self.repo.cipher.blob_id(bytes(n))
+            zid = self.zero_ids[n] = blake3.blake3(bytes(n), key=self.sink.id_key).digest()
         return zid
 
     def _read(self, buf: memoryview, runs: list[Run], size: int) -> memoryview:
@@ -171,7 +236,7 @@ class _Worker:
         zc: zstandard.ZstdCompressor | None = getattr(self.local, "zc", None)
         if zc is None:
             zc = self.local.zc = zstandard.ZstdCompressor(level=COMPRESS_LEVEL, write_content_size=False)
-        cipher, cs, key, hasher = self.repo.cipher, self.cs, self.repo.cipher.id_key, blake3.blake3
+        sink, cs, key, hasher = self.sink, self.cs, self.sink.id_key, blake3.blake3
         ids = [hasher(buf[p : p + cs], key=key).digest() for p in range(0, len(buf), cs)]
         zero = self.zero_id(cs)
         if len(buf) % cs and ids[-1] == self.zero_id(len(buf) % cs):
@@ -184,17 +249,17 @@ class _Worker:
         new: dict[int, tuple[Codec, int, Buffer]] = {}
         if not candidates:
             return ids, new
-        present = self.repo.cache.present([ids[k] for k in candidates])
+        present = sink.present([ids[k] for k in candidates])
         for k in candidates:
             bid = ids[k]
-            if bid in present or not self.writer.claim(bid):
+            if bid in present or not sink.claim(bid):
                 continue
             piece = buf[k * cs : (k + 1) * cs]
             n = len(piece)
             packed: bytes = zc.compress(piece)
             codec = Codec.ZSTD if len(packed) < n - n // 32 else Codec.RAW
             payload = packed if codec == Codec.ZSTD else piece
-            new[k] = (codec, n, cipher.seal_blob(payload, bid + bytes([BlobType.CHUNK])))
+            new[k] = (codec, n, sink.seal(bid, BlobType.CHUNK, payload))
         return ids, new
 
 
@@ -229,93 +294,126 @@ def backup(
             parent = repo.latest(volume, host)
             cs = check_chunk_size(chunk_size or (parent.chunk_size if parent else DEFAULT_CHUNK_SIZE))
             size = source_size(fd, source)
-            snap, stats = _run(repo, fd, source, size, cs, parent, workers, progress)
-            snap.volume, snap.host, snap.time = volume, host, taken
-            snap.labels = dict(labels or {})
-            snap.consistency = consistency
-            snap.source = source
-            snap.stats = {
-                "chunks_new": stats[0],
-                "bytes_new": stats[1],
-                "bytes_stored": stats[2],
-                "milliseconds": int((time.monotonic() - t0) * 1000),
-            }
+            preader: TreeReader | None = None
+            if parent is not None and parent.chunk_size == cs and parent.fanout == DEFAULT_FANOUT:
+                preader = repo.tree(parent)
+            with BlobWriter(repo) as writer:
+                res = scan(
+                    RepoSink(repo, writer),
+                    fd,
+                    source,
+                    size,
+                    cs,
+                    preader.ids_range if preader else None,
+                    workers=workers,
+                    progress=progress,
+                )
+            snap = Snapshot(
+                volume=volume,
+                host=host,
+                time=taken,
+                size=size,
+                chunk_size=cs,
+                fanout=DEFAULT_FANOUT,
+                height=res.height,
+                root=res.root,
+                parent=parent.id if parent else None,
+                labels=dict(labels or {}),
+                consistency=consistency,
+                source=source,
+                stats=scan_stats(res, time.monotonic() - t0),
+            )
             repo.save_snapshot(snap)
     finally:
         os.close(fd)
-    return BackupResult(snap, size, stats[0], stats[1], stats[2], time.monotonic() - t0)
+    return BackupResult(snap, size, res.chunks_new, res.bytes_new, res.bytes_stored, time.monotonic() - t0)
 
 
-def _run(
-    repo: Repository,
+def scan_stats(res: ScanResult, seconds: float) -> dict[str, int]:
+    """The ``stats`` a snapshot's manifest records about the backup that made it."""
+    return {
+        "chunks_new": res.chunks_new,
+        "bytes_new": res.bytes_new,
+        "bytes_stored": res.bytes_stored,
+        "milliseconds": int(seconds * 1000),
+    }
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` built: the tree's root and height, and what was new."""
+
+    root: bytes
+    height: int
+    chunks_new: int
+    bytes_new: int
+    bytes_stored: int
+
+
+def scan(
+    sink: BlobSink,
     fd: int,
     source: str,
     size: int,
     cs: int,
-    parent: Snapshot | None,
-    workers: int,
-    progress: Progress | None,
-) -> tuple[Snapshot, tuple[int, int, int]]:
+    parent_ids: Callable[[int, int], list[bytes]] | None,
+    *,
+    workers: int = 2,
+    progress: Progress | None = None,
+    on_leaves: Callable[[int, list[bytes]], None] | None = None,
+) -> ScanResult:
+    """Read the volume, store its new chunks and tree nodes through ``sink``, and return the root.
+
+    ``parent_ids(first, count)`` gives the previous snapshot's chunk ids of a range; chunks equal
+    to them are neither looked up nor stored; ``on_leaves(first, ids)`` sees every chunk id found
+    (chunks not reported are holes: ``ZERO_ID``). Returns once the sink has flushed.
+    """
     fanout = DEFAULT_FANOUT
     nchunks = -(-size // cs)
-    preader: TreeReader | None = None
-    if parent is not None and parent.chunk_size == cs and parent.fanout == fanout:
-        preader = repo.tree(parent)
     chunks_new = bytes_new = 0
-    with BlobWriter(repo) as writer:
 
-        def store_node(level: int, ids: list[bytes]) -> bytes:
-            data = encode_tree_node(level, ids)
-            nid = repo.cipher.blob_id(data)
-            if writer.is_new(nid):
-                stored = repo.cipher.seal_blob(data, nid + bytes([BlobType.TREE]))
-                writer.add(nid, BlobType.TREE, Codec.RAW, len(data), stored)
-            return nid
+    def store_node(level: int, ids: list[bytes]) -> bytes:
+        data = encode_tree_node(level, ids)
+        nid = blake3.blake3(data, key=sink.id_key).digest()
+        if sink.node_is_new(nid):
+            sink.add(nid, BlobType.TREE, Codec.RAW, len(data), sink.seal(nid, BlobType.TREE, data))
+        return nid
 
-        builder = TreeBuilder(fanout, nchunks, store_node)
-        work = _Worker(repo, writer, fd, source, cs)
-        per_batch = max(1, BATCH_BYTES // cs)
-        inflight: deque[tuple[list[Run], Future[BatchResult]]] = deque()
+    builder = TreeBuilder(fanout, nchunks, store_node)
+    work = _Worker(sink, fd, source, cs)
+    per_batch = max(1, BATCH_BYTES // cs)
+    inflight: deque[tuple[list[Run], Future[BatchResult]]] = deque()
 
-        def consume() -> None:
-            nonlocal chunks_new, bytes_new
-            runs, fut = inflight.popleft()
-            ids, new = fut.result()
-            for k, (codec, raw, stored) in new.items():
-                writer.add(ids[k], BlobType.CHUNK, codec, raw, stored)
-                chunks_new += 1
-                bytes_new += raw
-            pos = 0
-            for first, count in runs:
-                builder.skip_to(first)
-                builder.add_many(ids[pos : pos + count])
-                pos += count
-            if progress:
-                progress(min(builder.next * cs, size), size)
-
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup") as pool:
-            buffers = [memoryview(bytearray(per_batch * cs)) for _ in range(INFLIGHT + 1)]
-            for n, runs in enumerate(chunk_batches(fd, size, cs, per_batch)):
-                buf = buffers[n % len(buffers)]  # free again: at most INFLIGHT in use
-                pids = [i for f, c in runs for i in preader.ids_range(f, c)] if preader else None
-                inflight.append((runs, pool.submit(work, buf, runs, size, pids)))
-                if len(inflight) >= INFLIGHT:
-                    consume()
-            while inflight:
-                consume()
-        root = builder.finish()
+    def consume() -> None:
+        nonlocal chunks_new, bytes_new
+        runs, fut = inflight.popleft()
+        ids, new = fut.result()
+        for k, (codec, raw, stored) in new.items():
+            sink.add(ids[k], BlobType.CHUNK, codec, raw, stored)
+            chunks_new += 1
+            bytes_new += raw
+        pos = 0
+        for first, count in runs:
+            builder.skip_to(first)
+            builder.add_many(ids[pos : pos + count])
+            if on_leaves:
+                on_leaves(first, ids[pos : pos + count])
+            pos += count
         if progress:
-            progress(size, size)
-        writer.flush()
-        snap = Snapshot(
-            volume="",
-            host="",
-            time=utcnow(),
-            size=size,
-            chunk_size=cs,
-            fanout=fanout,
-            height=builder.height,
-            root=root,
-            parent=parent.id if parent else None,
-        )
-        return snap, (chunks_new, bytes_new, writer.bytes_stored)
+            progress(min(builder.next * cs, size), size)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup") as pool:
+        buffers = [memoryview(bytearray(per_batch * cs)) for _ in range(INFLIGHT + 1)]
+        for n, runs in enumerate(chunk_batches(fd, size, cs, per_batch)):
+            buf = buffers[n % len(buffers)]  # free again: at most INFLIGHT in use
+            pids = [i for f, c in runs for i in parent_ids(f, c)] if parent_ids else None
+            inflight.append((runs, pool.submit(work, buf, runs, size, pids)))
+            if len(inflight) >= INFLIGHT:
+                consume()
+        while inflight:
+            consume()
+    root = builder.finish()
+    if progress:
+        progress(size, size)
+    sink.flush()
+    return ScanResult(root, builder.height, chunks_new, bytes_new, sink.bytes_stored)

@@ -147,7 +147,7 @@ class Cipher:
         return AESGCM(blake3.blake3(salt, key=self.enc_key).digest())
 
     # blobs inside packs ----------------------------------------------------------------------
-    def seal_blob(self, payload: bytes | memoryview, aad: bytes) -> bytes | bytearray:
+    def seal_blob(self, payload: bytes | bytearray | memoryview, aad: bytes) -> bytes | bytearray:
         """salt | AES-256-GCM(payload) in one new buffer (or a copy of payload, unencrypted)."""
         if not self.encrypted:
             return bytes(payload)

@@ -10,7 +10,7 @@ stored, so a sparse volume costs what it holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from ..errors import CorruptObject
 from .format import ZERO_ID
@@ -118,19 +118,26 @@ class TreeReader:
             if child != ZERO_ID:
                 yield from self._walk(child, level - 1, base + j * span)
 
-    def nodes(self) -> Iterator[tuple[int, bytes, list[bytes]]]:
-        """Yield ``(level, node id, child ids)`` for every stored node, depth first."""
+    def nodes(self, skip: Container[bytes] = ()) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        """Yield ``(level, node id, child ids)`` for every stored node, depth first; a node in
+        ``skip`` is not loaded and nor is anything below it. Raise CorruptObject for a node whose
+        shape does not fit the volume."""
 
-        def walk(node: bytes, level: int) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        def walk(node: bytes, level: int, base: int) -> Iterator[tuple[int, bytes, list[bytes]]]:
             ids = self.load(node, level)
+            span = self.fanout**level
+            if len(ids) > self.fanout or not ids or base + (len(ids) - 1) * span >= self.nchunks:
+                raise CorruptObject(
+                    name=f"tree node {node.hex()[:16]}", detail="shape does not fit the volume"
+                )
             yield level, node, ids
             if level:
-                for child in ids:
-                    if child != ZERO_ID:
-                        yield from walk(child, level - 1)
+                for j, child in enumerate(ids):
+                    if child != ZERO_ID and child not in skip:
+                        yield from walk(child, level - 1, base + j * span)
 
-        if self.root != ZERO_ID:
-            yield from walk(self.root, self.height - 1)
+        if self.root != ZERO_ID and self.root not in skip:
+            yield from walk(self.root, self.height - 1, 0)
 
     def _node_at(self, level: int, index: int) -> list[bytes] | None:
         """Child ids of the level-``level`` node number ``index`` (None if a hole)."""

@@ -1,0 +1,137 @@
+"""One backup run of one volume to the vault (the agent's side of a policy run)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import IncompleteSnapshot, SourceError
+from ..repository.backup import Progress, check_chunk_size, scan, scan_stats, source_size
+from ..repository.manifest import fmt_time, utcnow
+from ..repository.threads import responsive_threads
+from .client import VaultClient
+from .leafcache import LeafCache, LeafWriter
+from .upload import RateLimiter, UploadSink
+
+log = logging.getLogger("dingyuan.agent")
+
+
+@dataclass
+class RunSpec:
+    """What to back up, as the vault hands it out."""
+
+    volume: str
+    source: str
+    chunk_size: int
+    job: int | None = None
+    bandwidth_limit: int | None = None
+    consistency: str = "crash"
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RunSpec:
+        return cls(
+            volume=str(doc["volume"]),
+            source=str(doc["source"]),
+            chunk_size=check_chunk_size(int(doc["chunk_size"])),
+            job=int(doc["job"]) if doc.get("job") is not None else None,
+            bandwidth_limit=int(doc["bandwidth_limit"]) if doc.get("bandwidth_limit") else None,
+            consistency=str(doc.get("consistency") or "crash"),
+        )
+
+
+@dataclass
+class RunResult:
+    snapshot: dict[str, Any]
+    bytes_sent: int
+    seconds: float
+
+
+def leaf_path(state_dir: Path, volume: str) -> Path:
+    return state_dir / "volumes" / f"{volume}.leaves"
+
+
+def run_backup(
+    client: VaultClient,
+    id_key: bytes,
+    state_dir: Path,
+    spec: RunSpec,
+    progress: Progress | None = None,
+    on_session: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Back ``spec.source`` up as a new snapshot of ``spec.volume``; incremental against the
+    leaf cache when it describes the vault's latest snapshot. If the vault finds the snapshot
+    incomplete (it lost blobs the cache says it has), run once more without the cache."""
+    try:
+        return _run(client, id_key, state_dir, spec, progress, use_cache=True, on_session=on_session)
+    except IncompleteSnapshot as e:
+        log.warning("vault reports an incomplete snapshot (%s); sending again without the leaf cache", e)
+        leaf_path(state_dir, spec.volume).unlink(missing_ok=True)
+        return _run(client, id_key, state_dir, spec, progress, use_cache=False, on_session=on_session)
+
+
+def _run(
+    client: VaultClient,
+    id_key: bytes,
+    state_dir: Path,
+    spec: RunSpec,
+    progress: Progress | None,
+    use_cache: bool,
+    on_session: Callable[[str], None] | None,
+) -> RunResult:
+    t0 = time.monotonic()
+    taken = utcnow()
+    try:
+        fd = os.open(spec.source, os.O_RDONLY)
+    except OSError as e:
+        raise SourceError(source=spec.source, detail=e.strerror or str(e)) from None
+    try:
+        size = source_size(fd, spec.source)
+        cs = spec.chunk_size
+        start = client.start_session(spec.volume, size, cs, spec.job)
+        sid = str(start["session"])
+        if on_session:
+            on_session(sid)
+        parent = start.get("parent") or {}
+        cache = LeafCache.load(leaf_path(state_dir, spec.volume)) if use_cache else None
+        if cache and (cache.snapshot_id != parent.get("id") or cache.chunk_size != cs):
+            cache.close()
+            cache = None
+        nchunks = -(-size // cs)
+        writer = LeafWriter(leaf_path(state_dir, spec.volume), cs, nchunks)
+        limiter = RateLimiter(spec.bandwidth_limit) if spec.bandwidth_limit else None
+        try:
+            with responsive_threads(), UploadSink(client, sid, id_key, limiter) as sink:
+                res = scan(
+                    sink,
+                    fd,
+                    spec.source,
+                    size,
+                    cs,
+                    cache.ids_range if cache else None,
+                    progress=progress,
+                    on_leaves=writer.write,
+                )
+            info = {
+                "root": res.root.hex(),
+                "height": res.height,
+                "time": fmt_time(taken),
+                "consistency": spec.consistency,
+                "source": spec.source,
+                "stats": {**scan_stats(res, time.monotonic() - t0), "bytes_sent": sink.bytes_sent},
+            }
+            snap = client.commit(sid, info)
+            writer.commit(str(snap["id"]))
+        except BaseException:
+            writer.discard()
+            raise
+        finally:
+            if cache:
+                cache.close()
+    finally:
+        os.close(fd)
+    return RunResult(snap, sink.bytes_sent, time.monotonic() - t0)
