@@ -25,10 +25,13 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   └── StorageIOError            EIO and other OS errors
     ├── SourceError                   exit 30 (reading the volume to back up)
     ├── RestoreTargetError            exit 31 (writing the restore target)
-    ├── VaultError                    exit 2  (the vault's directory and configuration)
+    ├── VaultError                    exit 2  (the vault's directory, configuration, policies, jobs)
     │   ├── VaultExists
     │   ├── VaultNotFound
-    │   └── VaultConfigError          unreadable or unsupported vault.json
+    │   ├── VaultConfigError          unreadable or unsupported vault.json
+    │   ├── PolicyError               a policy that cannot be scheduled or applied
+    │   └── JobConflict               a job that is not in a state for what was asked
+    ├── RpoBreached                   exit 3  (a volume's newest snapshot is older than its policy allows)
     └── VerifyFailed                  exit 40 (verify found problems)
 """
 
@@ -163,6 +166,21 @@ class VaultNotFound(VaultError):
 
 class VaultConfigError(VaultError):
     """The vault configuration {path} cannot be used: {detail}"""
+
+
+class PolicyError(VaultError):
+    """Policy {policy} cannot be used: {detail}. Correct the policy; volumes that use it are not
+    backed up until then."""
+
+
+class JobConflict(VaultError):
+    """Job {job} is {state}: {detail}"""
+
+
+class RpoBreached(DingyuanError):
+    """The RPO is breached for {count} volume(s): {volumes}. Check their last error and agent."""
+
+    exit_code = 3
 
 
 class VerifyFailed(DingyuanError):
