@@ -140,18 +140,27 @@ def test_cron_is_evaluated_in_utc() -> None:
 # --- retries --------------------------------------------------------------------------------
 
 
-@given(seconds=intervals, now=times, last_offset=offsets, fail_offset=offsets)
+@given(
+    policy=intervals.map(interval_policy) | cron_exprs().map(cron_policy),
+    now=times,
+    last_offset=st.none() | offsets,
+    fail_offset=offsets,
+)
 def test_next_attempt_waits_after_a_failure(
-    seconds: int, now: datetime, last_offset: timedelta, fail_offset: timedelta
+    policy: Policy, now: datetime, last_offset: timedelta | None, fail_offset: timedelta
 ) -> None:
-    policy = interval_policy(seconds)
-    last, failed = now + last_offset, now + fail_offset
+    last = None if last_offset is None else now + last_offset
+    failed = now + fail_offset
     na = next_attempt(policy, last, failed, now)
-    assert na >= next_run(policy, last, now) >= now
-    if failed > last:
-        assert na >= failed + min(RETRY_DELAY, timedelta(seconds=seconds))
+    retry = failed + retry_delay(policy, now)
+    assert na >= now
+    if last is None:
+        assert na == max(now, retry)  # the first run was tried: retry it, cron or not
+    elif failed > last:
+        assert na == max(next_run(policy, last, now), retry)
     else:
         assert na == next_run(policy, last, now)  # an older failure does not matter
+    assert next_attempt(policy, last, None, now) == next_run(policy, last, now)
 
 
 def test_retry_delay_is_at_most_one_period() -> None:

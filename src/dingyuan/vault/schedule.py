@@ -246,12 +246,17 @@ def next_attempt(
     policy: Schedulable, last_start: datetime | None, last_failure: datetime | None, now: datetime
 ) -> datetime:
     """:func:`next_run`, but not sooner than :func:`retry_delay` after a failed attempt that
-    ended at ``last_failure`` (ignored unless it is newer than ``last_start``)."""
+    ended at ``last_failure`` (ignored unless it is newer than ``last_start``). A volume that
+    never succeeded is retried then even if its cron expression would wait for the next fire
+    time: its first run is owed."""
     when = next_run(policy, last_start, now)
     if last_failure is not None:
         last_failure = _aware(last_failure, "last_failure")
-        if last_start is None or last_failure > _aware(last_start, "last_start"):
-            when = max(when, last_failure + retry_delay(policy, now))
+        retry = last_failure + retry_delay(policy, now)
+        if last_start is None:  # the first run was attempted: it is owed, whatever a cron says
+            when = max(now, retry)
+        elif last_failure > _aware(last_start, "last_start"):
+            when = max(when, retry)
     return when
 
 
