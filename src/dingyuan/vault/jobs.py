@@ -75,6 +75,11 @@ class JobKind(StrEnum):
     GC = "gc"
 
 
+#: Jobs an agent runs (they send heartbeats and expire without them) and jobs the vault runs itself.
+AGENT_KINDS = (JobKind.BACKUP,)
+VAULT_KINDS = (JobKind.RETENTION, JobKind.GC)
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: The default time without a heartbeat after which a running backup job counts as abandoned.
@@ -197,7 +202,9 @@ def _active_backups(session: Session, volume_id: int) -> list[Job]:
 
 def request_backup(session: Session, volume: Volume, now: datetime, requested_by: str) -> Job:
     """An operator's "run now": a pending backup job for ``volume``, due at once. If the volume
-    already has a pending or running backup job, that job is returned instead of a second one."""
+    already has a pending or running backup job, that job is returned instead of a second one.
+    Like any backup, it is listed by :func:`due_backups` only while the volume is enabled, has a
+    source and an enabled policy."""
     active = _active_backups(session, volume.id)
     if active:
         return active[0]
@@ -216,7 +223,12 @@ def request_backup(session: Session, volume: Volume, now: datetime, requested_by
 def claim_backup_job(session: Session, volume: Volume, now: datetime) -> Job:
     """Start a backup of ``volume``: its oldest pending job, or a new scheduled one, becomes
     ``running`` with ``started`` and ``heartbeat`` at ``now``. Raises :class:`JobConflict` if a
-    backup of the volume is running already (one job per volume at a time)."""
+    backup of the volume is running already (one job per volume at a time).
+
+    The check and the claim are one transaction of the caller; only the volume's own agent claims
+    it, so two claims at once are not expected. On SQLite the second of two would fail to commit
+    (the database is locked); on PostgreSQL both could succeed (read committed).
+    """
     active = _active_backups(session, volume.id)
     running = [j for j in active if j.state == JobState.RUNNING]
     if running:
@@ -287,7 +299,7 @@ def finish_job(
 def expire_stale_jobs(session: Session, now: datetime, timeout: timedelta = HEARTBEAT_TIMEOUT) -> list[Job]:
     """Fail every running backup job whose agent has not reported (heartbeat, else start) for
     longer than ``timeout``. The volume is then retried at its next attempt."""
-    q = select(Job).where(Job.state == JobState.RUNNING, Job.kind == JobKind.BACKUP)
+    q = select(Job).where(Job.state == JobState.RUNNING, Job.kind.in_(AGENT_KINDS))
     expired = []
     for job in session.scalars(q.order_by(Job.id)):
         seen = job.heartbeat or job.started or job.created
@@ -307,7 +319,7 @@ def expire_stale_jobs(session: Session, now: datetime, timeout: timedelta = HEAR
 def abandon_vault_jobs(session: Session, now: datetime) -> list[Job]:
     """Fail the vault's own jobs (retention, gc) left ``running`` by a vault that stopped; call it
     when the vault starts, before it runs any."""
-    q = select(Job).where(Job.state == JobState.RUNNING, Job.kind != JobKind.BACKUP)
+    q = select(Job).where(Job.state == JobState.RUNNING, Job.kind.in_(VAULT_KINDS))
     jobs = list(session.scalars(q.order_by(Job.id)))
     for job in jobs:
         job.state = JobState.FAILED
