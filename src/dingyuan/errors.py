@@ -25,17 +25,20 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   └── StorageIOError            EIO and other OS errors
     ├── SourceError                   exit 30 (reading the volume to back up)
     ├── RestoreTargetError            exit 31 (writing the restore target)
-    ├── VaultError                    exit 2  (the vault's directory and configuration)
+    ├── VaultError                    exit 2  (the vault's directory, configuration, policies, jobs)
     │   ├── VaultExists
     │   ├── VaultNotFound
     │   ├── VaultConfigError          unreadable or unsupported vault.json
-    │   └── AgentConfigError          the agent is not enrolled / agent.json unreadable
+    │   ├── AgentConfigError          the agent is not enrolled / agent.json unreadable
+    │   ├── PolicyError               a policy that cannot be scheduled or applied
+    │   └── JobConflict               a job that is not in a state for what was asked
     ├── TransferError                 exit 2  (agent-to-vault transfers)
     │   ├── UploadRejected            a malformed or inconsistent upload
     │   ├── SessionNotFound           unknown or expired upload session
     │   ├── IncompleteSnapshot        a commit refers to blobs the vault lacks
     │   ├── VaultUnreachable          no connection to the vault
     │   └── VaultRefused              the vault answered with an error
+    ├── RpoBreached                   exit 3  (a volume's newest snapshot is older than its policy allows)
     └── VerifyFailed                  exit 40 (verify found problems)
 """
 
@@ -201,6 +204,21 @@ class VaultUnreachable(TransferError):
 
 class VaultRefused(TransferError):
     """The vault refused {method} {path} ({status}): {detail}"""
+
+
+class PolicyError(VaultError):
+    """Policy {policy} cannot be used: {detail}. Correct the policy; volumes that use it are not
+    backed up until then."""
+
+
+class JobConflict(VaultError):
+    """Job {job} is {state}: {detail}"""
+
+
+class RpoBreached(DingyuanError):
+    """The RPO is breached for {count} volume(s): {volumes}. Check their last error and agent."""
+
+    exit_code = 3
 
 
 class VerifyFailed(DingyuanError):

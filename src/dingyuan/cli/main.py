@@ -1,7 +1,8 @@
 """The ``dingyuan`` command: one tree of thin commands over the library.
 
-Exit status: 0 on success; a DingyuanError's ``exit_code`` otherwise (2 usage, 10 repository,
-20 storage, 30 source, 31 restore target, 40 verification found problems); 130 on Ctrl-C.
+Exit status: 0 on success; a DingyuanError's ``exit_code`` otherwise (2 usage, 3 an RPO is
+breached (``status``), 10 repository, 20 storage, 30 source, 31 restore target, 40 verification
+found problems); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COMMANDS = {
     "forget": "maintenance:forget",
     "gc": "maintenance:gc",
     "vault": "vault_cmd:vault",
+    "status": "status_cmd:status",
 }
 
 
