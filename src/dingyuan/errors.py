@@ -17,7 +17,8 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   ├── LockedError               another process holds a conflicting lock
     │   ├── SnapshotNotFound
     │   ├── AmbiguousSnapshot
-    │   └── RetentionLocked           snapshot is immutable until its lock expires
+    │   ├── RetentionLocked           snapshot is immutable until its lock expires
+    │   │   └── RetentionLockKept     a lock in force cannot be shortened or removed
     ├── StorageError                  exit 20 (backend I/O)
     │   ├── ObjectNotFound
     │   ├── ObjectExists
@@ -28,7 +29,14 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     ├── VaultError                    exit 2  (the vault's directory and configuration)
     │   ├── VaultExists
     │   ├── VaultNotFound
-    │   └── VaultConfigError          unreadable or unsupported vault.json
+    │   ├── VaultConfigError          unreadable or unsupported vault.json
+    │   └── ListenError               the API server cannot listen on its address
+    ├── ApiError                      exit 2  (a refused API request; ``status`` is its HTTP status)
+    │   ├── Unauthenticated           401 no, malformed, unknown, revoked or expired credential
+    │   ├── Forbidden                 403 the credential's role may not do this
+    │   ├── NotFound                  404
+    │   ├── Conflict                  409 the request contradicts the current state
+    │   └── InvalidRequest            422 well-formed but unacceptable input
     └── VerifyFailed                  exit 40 (verify found problems)
 """
 
@@ -113,6 +121,11 @@ class RetentionLocked(RepositoryError):
     before then, by anyone."""
 
 
+class RetentionLockKept(RetentionLocked):
+    """Snapshot {snapshot} is retention-locked until {until}; a lock can be extended but never
+    shortened or removed before it expires, by anyone."""
+
+
 class StorageError(DingyuanError):
     """Storage failed: {detail}"""
 
@@ -163,6 +176,48 @@ class VaultNotFound(VaultError):
 
 class VaultConfigError(VaultError):
     """The vault configuration {path} cannot be used: {detail}"""
+
+
+class ListenError(VaultError):
+    """The vault cannot listen on {address}: {detail}. Choose another address with --listen (or
+    stop the process that holds it)."""
+
+
+class ApiError(DingyuanError):
+    """{detail}"""
+
+    #: the HTTP status the API answers with
+    status: ClassVar[int] = 400
+
+
+class Unauthenticated(ApiError):
+    """Not authenticated: {detail}"""
+
+    status = 401
+
+
+class Forbidden(ApiError):
+    """Not allowed: {detail}"""
+
+    status = 403
+
+
+class NotFound(ApiError):
+    """{detail}"""
+
+    status = 404
+
+
+class Conflict(ApiError):
+    """{detail}"""
+
+    status = 409
+
+
+class InvalidRequest(ApiError):
+    """Invalid request: {detail}"""
+
+    status = 422
 
 
 class VerifyFailed(DingyuanError):
