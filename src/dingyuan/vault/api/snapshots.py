@@ -82,7 +82,7 @@ def list_snapshots(
         q = q.where(Host.id == principal.host_id)
     if volume is not None:
         q = q.where(Volume.name == volume)
-    return [snapshot_out(row, vol, name) for row, vol, name in session.execute(q).tuples()]
+    return [snapshot_out(row, vol, name) for row, vol, name in session.execute(q)]
 
 
 @router.get("/snapshots/{snapshot_id}")
