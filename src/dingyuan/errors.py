@@ -17,7 +17,8 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   ├── LockedError               another process holds a conflicting lock
     │   ├── SnapshotNotFound
     │   ├── AmbiguousSnapshot
-    │   └── RetentionLocked           snapshot is immutable until its lock expires
+    │   ├── RetentionLocked           snapshot is immutable until its lock expires
+    │   │   └── RetentionLockKept     a lock in force cannot be shortened or removed
     ├── StorageError                  exit 20 (backend I/O)
     │   ├── ObjectNotFound
     │   ├── ObjectExists
@@ -31,13 +32,20 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   ├── VaultConfigError          unreadable or unsupported vault.json
     │   ├── AgentConfigError          the agent is not enrolled / agent.json unreadable
     │   ├── PolicyError               a policy that cannot be scheduled or applied
-    │   └── JobConflict               a job that is not in a state for what was asked
+    │   ├── JobConflict               a job that is not in a state for what was asked
+    │   └── ListenError               the API server cannot listen on its address
     ├── TransferError                 exit 2  (agent-to-vault transfers)
     │   ├── UploadRejected            a malformed or inconsistent upload
     │   ├── SessionNotFound           unknown or expired upload session
     │   ├── IncompleteSnapshot        a commit refers to blobs the vault lacks
     │   ├── VaultUnreachable          no connection to the vault
     │   └── VaultRefused              the vault answered with an error
+    ├── ApiError                      exit 2  (a refused API request; ``status`` is its HTTP status)
+    │   ├── Unauthenticated           401 no, malformed, unknown, revoked or expired credential
+    │   ├── Forbidden                 403 the credential's role may not do this
+    │   ├── NotFound                  404
+    │   ├── Conflict                  409 the request contradicts the current state
+    │   └── InvalidRequest            422 well-formed but unacceptable input
     ├── RpoBreached                   exit 3  (a volume's newest snapshot is older than its policy allows)
     └── VerifyFailed                  exit 40 (verify found problems)
 """
@@ -121,6 +129,11 @@ class AmbiguousSnapshot(RepositoryError):
 class RetentionLocked(RepositoryError):
     """Snapshot {snapshot} is retention-locked until {until}; it cannot be deleted or forgotten
     before then, by anyone."""
+
+
+class RetentionLockKept(RetentionLocked):
+    """Snapshot {snapshot} is retention-locked until {until}; a lock can be extended but never
+    shortened or removed before it expires, by anyone."""
 
 
 class StorageError(DingyuanError):
@@ -219,6 +232,46 @@ class RpoBreached(DingyuanError):
     """The RPO is breached for {count} volume(s): {volumes}. Check their last error and agent."""
 
     exit_code = 3
+class ListenError(VaultError):
+    """The vault cannot listen on {address}: {detail}. Choose another address with --listen (or
+    stop the process that holds it)."""
+
+
+class ApiError(DingyuanError):
+    """{detail}"""
+
+    #: the HTTP status the API answers with
+    status: ClassVar[int] = 400
+
+
+class Unauthenticated(ApiError):
+    """Not authenticated: {detail}"""
+
+    status = 401
+
+
+class Forbidden(ApiError):
+    """Not allowed: {detail}"""
+
+    status = 403
+
+
+class NotFound(ApiError):
+    """{detail}"""
+
+    status = 404
+
+
+class Conflict(ApiError):
+    """{detail}"""
+
+    status = 409
+
+
+class InvalidRequest(ApiError):
+    """Invalid request: {detail}"""
+
+    status = 422
 
 
 class VerifyFailed(DingyuanError):

@@ -1,14 +1,18 @@
-"""dingyuan vault init|rebuild-catalog."""
+"""dingyuan vault init|rebuild-catalog|serve|enroll-token|token create."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..errors import PassphraseRequired
 from ..repository.repo import ENCRYPTIONS
-from .common import F, emit_json, json_option, new_passphrase, open_repo
+from .common import F, emit_json, json_option, new_passphrase, open_repo, parse_duration, read_passphrase
+
+if TYPE_CHECKING:
+    from ..vault.context import VaultContext
 
 
 def vault_dir_option(f: F) -> F:
@@ -34,7 +38,7 @@ def passphrase_file_option(f: F) -> F:
 
 @click.group()
 def vault() -> None:
-    """Create and maintain a vault (the backup server's repository, catalog and TLS CA)."""
+    """Create, serve and maintain a vault (the backup server: repository, catalog, TLS CA, API)."""
 
 
 @vault.command()
@@ -58,9 +62,11 @@ def init(
 ) -> None:
     """Create a vault: its repository, catalog, TLS CA and server certificate."""
     from ..vault.config import init_vault
+    from ..vault.local import create_first_admin
 
     passphrase = new_passphrase(passphrase_file, encryption, "this vault's repository")
     cfg = init_vault(vault_dir, passphrase, encryption, hostnames)
+    token_file = create_first_admin(cfg)
     info = {
         "dir": str(cfg.dir),
         "repository_id": cfg.repository_id,
@@ -69,6 +75,7 @@ def init(
         "ca_fingerprint_sha256": cfg.ca_fingerprint(),
         "ca_cert": str(cfg.tls_ca_cert),
         "listen": cfg.listen,
+        "admin_token_file": str(token_file),
     }
     if as_json:
         emit_json(info)
@@ -81,6 +88,10 @@ def init(
         click.echo(f"  CA certificate {info['ca_cert']}")
         click.echo(f"  CA SHA-256     {info['ca_fingerprint_sha256']}")
         click.echo(f"  listen         {info['listen']}")
+        click.echo(
+            f"  admin token    {token_file} (mode 0600: the API credential of the user 'admin'; "
+            "keep it secret)"
+        )
 
 
 @vault.command("rebuild-catalog")
@@ -122,4 +133,110 @@ def rebuild_catalog_cmd(vault_dir: Path, passphrase_file: Path | None, as_json: 
             + ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if k != "snapshots_total" and v
             )
+        )
+
+
+def _open_context(vault_dir: Path, passphrase_file: Path | None) -> VaultContext:
+    from ..vault.context import open_vault_context
+
+    try:
+        return open_vault_context(vault_dir, read_passphrase(passphrase_file, prompt=False))
+    except PassphraseRequired:
+        passphrase = read_passphrase(passphrase_file, prompt=True)
+        if passphrase is None:
+            raise
+        return open_vault_context(vault_dir, passphrase)
+
+
+@vault.command()
+@vault_dir_option
+@passphrase_file_option
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Address to serve HTTPS on [default: the vault's configured one, 127.0.0.1:8443].",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve(vault_dir: Path, passphrase_file: Path | None, listen: str | None, log_level: str) -> None:
+    """Serve the vault's API over HTTPS until SIGINT or SIGTERM (then stop gracefully)."""
+    from ..vault.server import VaultServer, parse_listen
+
+    ctx = _open_context(vault_dir, passphrase_file)
+    try:
+        host, port = parse_listen(listen or ctx.cfg.listen)
+
+        def started(server: VaultServer) -> None:
+            click.echo(f"vault API at {server.url} (docs: {server.url}docs)")
+            click.echo(f"  CA SHA-256  {ctx.cfg.ca_fingerprint()}  ({ctx.cfg.tls_ca_cert})")
+            click.echo("  plaintext http:// to this port is refused; stop with Ctrl-C or SIGTERM")
+
+        VaultServer(ctx, host, port, log_level=log_level, on_started=started).run()
+        click.echo("vault stopped")
+    finally:
+        ctx.close()
+
+
+@vault.command("enroll-token")
+@vault_dir_option
+@json_option
+@click.argument("host")
+@click.option(
+    "--expires", default="24h", show_default=True, help="How long the token stays valid (e.g. 12h, 7d)."
+)
+def enroll_token(vault_dir: Path, as_json: bool, host: str, expires: str) -> None:
+    """Make a one-time token with which the agent of HOST enrolls (printed once, never stored)."""
+    from ..vault.config import load_vault
+    from ..vault.local import create_enrollment
+
+    issued = create_enrollment(load_vault(vault_dir), host, parse_duration(expires))
+    assert issued.expires is not None
+    if as_json:
+        emit_json({"host": host, "token": issued.secret, "expires": issued.expires.isoformat()})
+    else:
+        click.echo(issued.secret)
+        click.echo(
+            f"one-time enrollment token for host {host}, valid until {issued.expires.isoformat()}; "
+            "it is shown only now",
+            err=True,
+        )
+
+
+@vault.group()
+def token() -> None:
+    """API tokens, made on the vault's machine (for the first ones; later POST /api/v1/tokens)."""
+
+
+@token.command("create")
+@vault_dir_option
+@json_option
+@click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
+@click.option("--user", metavar="NAME", help="A token of this user (created with --role if absent).")
+@click.option("--expires", metavar="DURATION", help="Expire after this long (e.g. 90d) [default: never].")
+def token_create(vault_dir: Path, as_json: bool, role: str, user: str | None, expires: str | None) -> None:
+    """Make an API token (printed once; the vault keeps only its hash)."""
+    from ..vault.config import load_vault
+    from ..vault.local import create_token
+
+    issued = create_token(load_vault(vault_dir), role, user, parse_duration(expires) if expires else None)
+    info = {
+        "id": issued.id,
+        "token": issued.secret,
+        "role": issued.role,
+        "owner": issued.owner,
+        "expires": issued.expires.isoformat() if issued.expires else None,
+    }
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(issued.secret)
+        click.echo(
+            f"API token {issued.id} ({issued.owner}, role {issued.role}"
+            + (f", expires {info['expires']}" if issued.expires else "")
+            + "); it is shown only now",
+            err=True,
         )
