@@ -232,6 +232,8 @@ class RpoBreached(DingyuanError):
     """The RPO is breached for {count} volume(s): {volumes}. Check their last error and agent."""
 
     exit_code = 3
+
+
 class ListenError(VaultError):
     """The vault cannot listen on {address}: {detail}. Choose another address with --listen (or
     stop the process that holds it)."""

@@ -21,9 +21,9 @@ from ..protocol import API
 from ..repository.backends.base import Buffer
 
 _KINDS: dict[str, type[TransferError]] = {
-    "IncompleteSnapshot": IncompleteSnapshot,
-    "SessionNotFound": SessionNotFound,
-    "UploadRejected": UploadRejected,
+    "incomplete_snapshot": IncompleteSnapshot,
+    "session_not_found": SessionNotFound,
+    "upload_rejected": UploadRejected,
 }
 
 
@@ -105,7 +105,7 @@ class VaultClient:
 
     # work ---------------------------------------------------------------------------------------
     def work(self) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = self.call("GET", "/agent/work").json()["jobs"]
+        jobs: list[dict[str, Any]] = self.call("POST", "/agent/work").json()["jobs"]
         return jobs
 
     def progress(self, job_id: int, done: int, total: int) -> None:

@@ -118,7 +118,7 @@ class UploadSink:
                     nbytes = sum(len(p) for p in parts)
                     if self.limiter:
                         self.limiter.wait(nbytes)
-                    log.info("upload: sending %d bytes", nbytes)
+                    log.debug("upload: sending %d bytes", nbytes)
                     self.bytes_sent += nbytes
                     self.client.upload(self.session, parts)
             except BaseException as e:  # handed to the scanning thread

@@ -28,6 +28,7 @@ COMMANDS = {
     "forget": "maintenance:forget",
     "gc": "maintenance:gc",
     "vault": "vault_cmd:vault",
+    "agent": "agent_cmd:agent",
     "status": "status_cmd:status",
 }
 

@@ -37,15 +37,34 @@ from ..errors import (
     AmbiguousSnapshot,
     ApiError,
     DingyuanError,
+    IncompleteSnapshot,
+    JobConflict,
     LockedError,
     ObjectExists,
+    PolicyError,
     RepositoryNotFound,
     RetentionLocked,
+    SessionNotFound,
     SnapshotNotFound,
     StorageError,
+    UploadRejected,
     UsageError,
 )
-from .api import audit, enroll, hosts, jobs, policies, snapshots, system, tokens, users, volumes
+from ..protocol import MAX_UPLOAD_BYTES
+from .api import (
+    agent,
+    audit,
+    enroll,
+    hosts,
+    jobs,
+    policies,
+    snapshots,
+    system,
+    tokens,
+    transfer,
+    users,
+    volumes,
+)
 from .auth import API_PREFIX, MUTATING, get_context, record_refusal
 from .context import VaultContext
 
@@ -56,6 +75,7 @@ MAX_BODY = 1 << 20
 ROUTERS: tuple[APIRouter, ...] = (
     system.router,
     enroll.router,
+    agent.router,
     hosts.router,
     volumes.router,
     policies.router,
@@ -75,6 +95,11 @@ _STATUS: tuple[tuple[type[DingyuanError], int], ...] = (
     (AmbiguousSnapshot, 409),
     (ObjectExists, 409),
     (UsageError, 422),
+    (SessionNotFound, 404),
+    (IncompleteSnapshot, 409),
+    (JobConflict, 409),
+    (UploadRejected, 422),
+    (PolicyError, 422),
     (StorageError, 503),
 )
 _HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -165,6 +190,8 @@ def create_app(ctx: VaultContext, extra_routers: Sequence[APIRouter] = ()) -> Fa
     app.add_exception_handler(Exception, _on_unexpected)
     for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX, max_body_size=MAX_BODY)
+    # uploads stream their frames and check their own limit
+    app.include_router(transfer.router, prefix=API_PREFIX, max_body_size=MAX_UPLOAD_BYTES)
     for router in extra_routers:
         app.include_router(router, prefix=API_PREFIX)
     return app

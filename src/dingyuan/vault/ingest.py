@@ -119,6 +119,7 @@ class UploadSession:
     lock: RepoLock
     spool: Spool
     job_id: int | None = None
+    owner: int | None = None  # the catalog id of the host whose agent opened it
     last_used: float = field(default_factory=time.monotonic)
     mutex: threading.Lock = field(default_factory=threading.Lock)
     refs: list[PackRef] = field(default_factory=list)  # durable packs not indexed yet
@@ -129,6 +130,9 @@ class UploadSession:
     @property
     def nchunks(self) -> int:
         return -(-self.size // self.chunk_size)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
 
 
 class Ingest:
@@ -175,7 +179,13 @@ class Ingest:
 
     # sessions ----------------------------------------------------------------------------------
     def start(
-        self, host: str, volume: str, size: int, chunk_size: int, job_id: int | None = None
+        self,
+        host: str,
+        volume: str,
+        size: int,
+        chunk_size: int,
+        job_id: int | None = None,
+        owner: int | None = None,
     ) -> UploadSession:
         if size <= 0:
             raise UsageError(f"volume size {size} must be positive")
@@ -196,6 +206,7 @@ class Ingest:
                 lock=lock,
                 spool=Spool(self.spool_dir / f"{sid}.spool"),
                 job_id=job_id,
+                owner=owner,
             )
         except BaseException:
             lock.release()
@@ -210,7 +221,7 @@ class Ingest:
             session = self._sessions.get(sid)
         if session is None or (host is not None and session.host != host):
             raise SessionNotFound(session=sid)
-        session.last_used = time.monotonic()
+        session.touch()
         return session
 
     def abort(self, session: UploadSession) -> None:

@@ -39,6 +39,7 @@ from .app import API_PREFIX, create_app
 from .auth import ANONYMOUS, record_event
 from .config import VaultConfig
 from .context import VaultContext
+from .service import Housekeeper
 
 TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a handshake (ClientHello)
 SNIFF_SECONDS = 10.0  # a client that sends nothing for this long is dropped
@@ -287,9 +288,14 @@ class VaultServer:
         previous = (
             {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         )
+        keeper = Housekeeper(self.ctx) if "ingest" not in self.ctx.extras else None
         try:
+            if keeper:
+                keeper.start()  # recovery first: no request before the spool is packed
             self._server.run()
         finally:
+            if keeper:
+                keeper.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.sock.close()
