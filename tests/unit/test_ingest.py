@@ -223,3 +223,24 @@ def test_a_frame_whose_content_does_not_match_its_id_changes_nothing(
     ingest.abort(s)
     with pytest.raises(SessionNotFound):
         ingest.get(s.id)
+
+
+def test_a_commit_may_rely_on_a_blob_another_open_session_received(
+    world: tuple[Repository, Ingest, DirectClient, Path],
+) -> None:
+    """An agent killed mid-run leaves its session open; the next run's session skips what the old
+    one received, and its commit must still find it."""
+    repo, ingest, _, _ = world
+    chunk = os.urandom(CS)
+    cid = blake3(chunk, key=repo.cipher.id_key).digest()
+    node = encode_tree_node(0, [cid])
+    nid = blake3(node, key=repo.cipher.id_key).digest()
+    old = ingest.start(HOST, "disk0", CS, CS)
+    assert ingest.receive(old, [Frame(cid, BlobType.CHUNK, Codec.RAW, CS, memoryview(chunk))]) == 1
+    new = ingest.start(HOST, "disk0", CS, CS)
+    assert ingest.missing([cid]) == []
+    assert ingest.receive(new, [Frame(cid, BlobType.CHUNK, Codec.RAW, CS, memoryview(chunk))]) == 0
+    ingest.receive(new, [Frame(nid, BlobType.TREE, Codec.RAW, len(node), memoryview(node))])
+    snap = ingest.commit(new, CommitInfo(root=nid, height=1, time=parse_time("2026-01-01T00:00:00.000000Z")))
+    assert repo.read_snapshot(snap.id).root == nid
+    ingest.abort(old)

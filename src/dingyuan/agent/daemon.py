@@ -20,7 +20,7 @@ from .runner import RunSpec, run_backup
 log = logging.getLogger("dingyuan.agent")
 
 HEARTBEAT = 2.0
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 10.0
 
 
 class Agent:
@@ -33,12 +33,12 @@ class Agent:
         self.stop = threading.Event()
 
     def run_forever(self) -> None:
-        backoff = 1.0
+        backoff = self.poll
         log.info("agent for host %s polling %s", self.cfg.host, self.cfg.url)
         while not self.stop.is_set():
             try:
                 jobs = self.client.work()
-                backoff = 1.0
+                backoff = self.poll
             except TransferError as e:
                 log.warning("%s (retrying in %.0f s)", e, backoff)
                 self.stop.wait(backoff)

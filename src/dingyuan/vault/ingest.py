@@ -348,6 +348,14 @@ class Ingest:
         nchunks = session.nchunks
         if info.height != tree_height(nchunks, DEFAULT_FANOUT):
             raise UploadRejected(detail=f"tree height {info.height} does not fit {nchunks} chunks")
+        # A blob this session skipped because another session had received it may still be in
+        # that one's spool: make every session's blobs durable and indexed first (one mutex at a
+        # time, so two commits cannot wait for each other).
+        for other in self.sessions():
+            if other is not session:
+                with other.mutex:
+                    self._pack(other)
+                    self._index(other)
         with session.mutex:
             if self._sessions.get(session.id) is not session:
                 raise SessionNotFound(session=session.id)

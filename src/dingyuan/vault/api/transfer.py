@@ -32,7 +32,7 @@ from ..schemas import NAME_PATTERN
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["transfer"])
 AgentDep = Annotated[Principal, require(AGENT)]
-_PARSE_EVERY = 1 << 20  # parse and store what arrived every MiB of a streamed upload
+_PARSE_EVERY = 128 << 10  # parse and store what arrived every 128 KiB of a streamed upload
 
 
 def ingest_of(ctx: VaultContext) -> Ingest:
