@@ -7,7 +7,7 @@
 # keep the last 20), an enrolled agent protecting the image; then it waits for a snapshot, changes the
 # image, waits for the next one, restores that one and compares it byte for byte with the image.
 # Environment: DINGYUAN_DEMO_LISTEN (HOST:PORT, default 127.0.0.1:8443), DINGYUAN_DEMO_DIR (default
-# ./demo), DINGYUAN_SKIP_INSTALL=1 (no apt or pip: use .venv, or the dingyuan found in PATH).
+# ./demo), DINGYUAN_SKIP_INSTALL=1 (no apt or pip: use the dingyuan found in PATH, else .venv's).
 set -Eeuo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -177,7 +177,9 @@ install() {
     dy_section "install"
     if [ "${DINGYUAN_SKIP_INSTALL:-}" = 1 ]; then
         echo "DINGYUAN_SKIP_INSTALL=1: no apt, no pip"
-        if [ -x "$DY_VENV/bin/dingyuan" ]; then export PATH="$DY_VENV/bin:$PATH"; fi
+        if ! command -v dingyuan >/dev/null && [ -x "$DY_VENV/bin/dingyuan" ]; then
+            export PATH="$DY_VENV/bin:$PATH"
+        fi
     else
         dy_apt_ensure python3 python3-venv python3-pip curl e2fsprogs util-linux
         dy_venv_ensure
