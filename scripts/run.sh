@@ -316,7 +316,7 @@ passphrase   $(show "$PASSFILE")
 volume       $HOST:$VOLUME = $(show "$DISK"), policy $POLICY (every $INTERVAL s, keep the last 20)
 logs         $(show "$DEMO/vault.log"), $(show "$DEMO/agent.log")
 
-Try, from $DY_ROOT:
+Try, as root in $DY_ROOT (the vault's files are root's):
   curl -s --cacert $(show "$CA") -H "Authorization: Bearer \$(cat $(show "$TOKEN_FILE"))" \\
       '$API/snapshots?host=$HOST&volume=$VOLUME'
   $DINGYUAN status --dir $(show "$VAULT_DIR")
