@@ -13,7 +13,7 @@ cd "$DY_ROOT"
 # Debian packages the test suite uses (add new ones here).
 TEST_DEBS=(
     python3 python3-venv python3-pip
-    e2fsprogs
+    e2fsprogs curl
     qemu-utils
     libnbd-bin python3-libnbd nbdkit
     fuse3
