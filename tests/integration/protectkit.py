@@ -214,8 +214,6 @@ def replace_atomically(path: Path, change: Callable[[Path], None]) -> str:
     tmp = path.with_name(path.name + ".next")
     subprocess.run(["cp", "--sparse=always", str(path), str(tmp)], check=True)
     change(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
