@@ -1,11 +1,15 @@
 """End to end: a vault and two agents on loopback, each protecting two image files under a
 10-second policy while a writer changes them. Every snapshot must restore bit-exact to a state
-the image really held (the writer records the SHA-256 of each state it makes)."""
+the image really held (the writer records the SHA-256 of each state it makes). And a vault applies
+each volume's policy after every commit: lock-for, then retention."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -121,3 +125,61 @@ def test_two_agents_protect_four_changing_images_and_every_snapshot_restores_bit
                 assert sha256_file(out) in states[(host, vol)], f"snapshot {snap['id']} of {host}:{vol}"
     finally:
         repo.close()
+
+
+@pytest.mark.slow
+def test_the_policy_locks_new_snapshots_and_forgets_old_ones(tmp_path: Path) -> None:
+    """After each commit the vault applies the volume's policy: the new snapshot is locked for
+    ``lock_for_seconds`` and retention forgets what ``keep_last`` does not keep (never a locked one)."""
+    vault = Vault(tmp_path)
+    vault.start()
+    agent: Agent | None = None
+    try:
+        vault.policy("keep2", schedule="interval", interval_seconds=3600, retention={"keep_last": 2})
+        vault.policy(
+            "locked",
+            schedule="interval",
+            interval_seconds=3600,
+            retention={"keep_last": 1},
+            lock_for_seconds=3600,
+        )
+        agent = Agent(tmp_path, vault, "web1")
+        vids = {}
+        for vol, policy in (("kept", "keep2"), ("locked", "locked")):
+            img = tmp_path / f"{vol}.img"
+            img.write_bytes(os.urandom(1 << 20))
+            vids[vol] = vault.protect("web1", vol, img, policy)
+        agent.start()
+        for run in range(4):
+            for vol, vid in vids.items():
+                wait_for(f"{vol} run {run}", partial(_ran, vault, vid, run + 1), timeout=60, step=0.2)
+                replace_atomically(tmp_path / f"{vol}.img", lambda p: p.write_bytes(os.urandom(1 << 20)))
+                r = vault.api.post(f"/volumes/{vid}/run")
+                assert r.status_code == 202, r.text
+        for vol, vid in vids.items():
+            wait_for(f"{vol} run 5", partial(_ran, vault, vid, 5), timeout=60, step=0.2)
+        kept = wait_for(
+            "retention",
+            lambda: len(vault.snapshots("web1", "kept")) == 2 and vault.snapshots("web1", "kept"),
+            timeout=30,
+        )
+        locked = vault.snapshots("web1", "locked")
+    finally:
+        if agent is not None:
+            agent.kill()
+        vault.stop()
+    assert len(locked) == 5, "a locked snapshot was forgotten"
+    for snap in locked:
+        until = datetime.fromisoformat(snap["retention_until"])
+        assert until - datetime.fromisoformat(snap["time"]) >= timedelta(minutes=59)
+    repo = Repository.open(LocalBackend(vault.dir / "repository"), b"protect-test", tmp_path / "check-cache")
+    try:
+        in_repo = {(s.volume, s.id) for s in repo.snapshots()}
+        assert {("kept", s["id"]) for s in kept} | {("locked", s["id"]) for s in locked} == in_repo
+    finally:
+        repo.close()
+
+
+def _ran(vault: Vault, volume_id: int, count: int) -> bool:
+    jobs = vault.call("GET", "/jobs", params={"volume": volume_id})
+    return sum(j["kind"] == "backup" and j["state"] == "succeeded" for j in jobs) >= count

@@ -234,8 +234,9 @@ def apply_policy_after_commit(ctx: VaultContext, volume_id: int, snapshot_id: st
         return
     now = datetime.now(UTC)
     try:
-        lock_new_snapshot(ctx.repo, ctx.engine, snapshot_id, policy, now)
-        apply_retention(ctx.repo, ctx.engine, vol, policy, now)
+        with ctx.repo_lock:  # the API's snapshot changes (delete, lock) take it too
+            lock_new_snapshot(ctx.repo, ctx.engine, snapshot_id, policy, now)
+            apply_retention(ctx.repo, ctx.engine, vol, policy, now)
     except DingyuanError as e:
         log.error("policy %s after snapshot %s: %s", policy.name, snapshot_id, e)
 
