@@ -35,9 +35,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from run_bench import REPO_ROOT, ensure_workload, log
+
+try:
+    import httpx
+except ImportError:  # run by a Python without the project's packages: use the project's venv
+    VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+    if not VENV_PYTHON.exists() or Path(sys.executable) == VENV_PYTHON:
+        raise SystemExit("httpx is missing: run scripts/test.sh (it makes .venv) first") from None
+    os.execv(VENV_PYTHON, [str(VENV_PYTHON), *sys.argv])
 
 PASSWORD = "bench"
 BUDGET = 0.7
@@ -153,7 +159,7 @@ class Bench:
                 failed = [j for j in jobs if j["state"] == "failed"]
                 if failed:
                     raise SystemExit(f"a backup job failed: {failed[0]['error']}")
-                return [j for j in jobs if j["state"] == "succeeded"]
+                return [j for j in jobs if j["kind"] == "backup" and j["state"] == "succeeded"]
 
             wait("the full backup", lambda: len(finished_jobs()) >= 1)
             copy_image(self.data / "mut.img", src)

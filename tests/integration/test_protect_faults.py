@@ -58,9 +58,10 @@ def test_kills_during_transfers_lose_no_snapshot_and_resend_little(tmp_path: Pat
     images: dict[str, Path] = {}
     ids: dict[int, str] = {}
     seen: dict[str, str] = {}  # snapshot id -> volume, everything the vault ever listed
-    kills = {"agent": 0, "vault": 0}
+    kills = {"agent": 0, "vault": 0, "idle": 0}  # "idle": killed between requests, not counted
     try:
-        vault.policy("continuous", schedule="interval", interval_seconds=10)
+        # paced to 24 MiB/s, so a run's 24 MiB take about a second: room for a kill mid-transfer
+        vault.policy("continuous", schedule="interval", interval_seconds=10, bandwidth_limit=24 << 20)
         agent = Agent(tmp_path, vault, HOST)
         for vol in VOLUMES:
             img = tmp_path / f"{vol}.img"
@@ -80,24 +81,28 @@ def test_kills_during_transfers_lose_no_snapshot_and_resend_little(tmp_path: Pat
             return len(seen) > count
 
         t0 = time.monotonic()
-        while sum(kills.values()) < KILLS:
+        while kills["agent"] + kills["vault"] < KILLS:
             for vol in VOLUMES:
                 states[vol].add(replace_atomically(images[vol], _changer(rnd)))
             before, count = agent.bytes_sent(), len(seen)
             for vid in ids:
                 _trigger(vault, vid)
             wait_for("the agent to send", partial(_sent_more, agent, before), timeout=60, step=0.02)
-            time.sleep(rnd.uniform(0, 1.0))
+            time.sleep(rnd.uniform(0, 0.5))
             if rnd.random() < 0.2:  # now and then a run completes undisturbed: commits between kills
                 wait_for("a commit", partial(committed_since, count), timeout=60, step=0.1)
-            elif rnd.random() < 0.5:
-                agent.kill()
-                kills["agent"] += 1
-                agent.start()
+                continue
+            # only a kill while bytes flow counts: the agent logs each request before it sends it
+            mark = agent.bytes_sent()
+            time.sleep(0.03)
+            victim = agent if rnd.random() < 0.5 else vault
+            flowing = agent.bytes_sent() > mark
+            victim.kill()
+            if flowing:
+                kills["agent" if victim is agent else "vault"] += 1
             else:
-                vault.kill()
-                kills["vault"] += 1
-                vault.start()
+                kills["idle"] += 1
+            victim.start()
             listed()
 
         print(f"[test_protect_faults] {KILLS} kills in {time.monotonic() - t0:.0f} s")

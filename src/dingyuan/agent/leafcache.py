@@ -77,11 +77,25 @@ class LeafWriter:
         self.nchunks = nchunks
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self.fd, HEADER.size + nchunks * ID_LEN)  # a sparse file of ZERO_IDs
+        self._pending = bytearray()
+        self._start = self._end = 0
 
     def write(self, first: int, ids: list[bytes]) -> None:
-        os.pwrite(self.fd, b"".join(ids), HEADER.size + first * ID_LEN)
+        """Record the ids of chunks ``first ...``; runs arrive in volume order and are written in
+        pieces of up to a MiB (a fragmented source gives many small runs)."""
+        if first != self._end or len(self._pending) >= 1 << 20:
+            self._flush()
+            self._start = first
+        self._pending += b"".join(ids)
+        self._end = first + len(ids)
+
+    def _flush(self) -> None:
+        if self._pending:
+            os.pwrite(self.fd, self._pending, HEADER.size + self._start * ID_LEN)
+            self._pending = bytearray()
 
     def commit(self, snapshot_id: str) -> None:
+        self._flush()
         os.pwrite(self.fd, HEADER.pack(MAGIC, self.chunk_size, self.nchunks, snapshot_id.encode()), 0)
         os.fsync(self.fd)
         os.close(self.fd)

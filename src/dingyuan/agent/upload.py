@@ -21,7 +21,7 @@ from .client import VaultClient
 
 log = logging.getLogger("dingyuan.agent")
 
-UPLOAD_BYTES = 256 << 10
+UPLOAD_BYTES = 512 << 10
 INFLIGHT = 2
 
 

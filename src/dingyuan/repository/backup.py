@@ -361,12 +361,15 @@ def scan(
     workers: int = 2,
     progress: Progress | None = None,
     on_leaves: Callable[[int, list[bytes]], None] | None = None,
+    batch_bytes: int = BATCH_BYTES,
 ) -> ScanResult:
     """Read the volume, store its new chunks and tree nodes through ``sink``, and return the root.
 
     ``parent_ids(first, count)`` gives the previous snapshot's chunk ids of a range; chunks equal
     to them are neither looked up nor stored; ``on_leaves(first, ids)`` sees every chunk id found
-    (chunks not reported are holes: ``ZERO_ID``). Returns once the sink has flushed.
+    (chunks not reported are holes: ``ZERO_ID``). A batch of ``batch_bytes`` is read, hashed and
+    looked up at once (an agent asks the vault once per batch: larger ones mean fewer round trips).
+    Returns once the sink has flushed.
     """
     fanout = DEFAULT_FANOUT
     nchunks = -(-size // cs)
@@ -381,7 +384,7 @@ def scan(
 
     builder = TreeBuilder(fanout, nchunks, store_node)
     work = _Worker(sink, fd, source, cs)
-    per_batch = max(1, BATCH_BYTES // cs)
+    per_batch = max(1, batch_bytes // cs)
     inflight: deque[tuple[list[Run], Future[BatchResult]]] = deque()
 
     def consume() -> None:

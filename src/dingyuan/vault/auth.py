@@ -23,6 +23,12 @@ Roles
     agent     read its own host and that host's volumes, snapshots and jobs; nothing else
     ========  ==================================================================================
 
+Caching
+    An authenticated token is trusted for :data:`PRINCIPAL_TTL` (5 s) without another catalog
+    lookup (an agent makes hundreds of requests a run). Revoking a token, re-enrolling a host or
+    deleting a user through the API clears that cache at once; a change made from another
+    process (``dingyuan vault token ...``) takes effect within those 5 s.
+
 Audit
     Every refusal (401, 403) and every mutating call (POST, PUT, PATCH, DELETE), whether it
     succeeds or is refused, becomes an ``AuditEvent``: actor (``user:alice``, ``host:web1``,
@@ -42,6 +48,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -382,12 +390,39 @@ def current_principal(
     token = _bearer_token(request)
     if not token:
         raise Unauthenticated("malformed Authorization header: use 'Authorization: Bearer <API token>'")
-    principal = authenticate(session, token)
+    principal = _cached_principal(session, token)
     request.state.principal = principal
     return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+#: How long an authenticated token is trusted without looking at the catalog again: an agent makes
+#: hundreds of requests a run. A revoked or expired token is refused at most this much later.
+PRINCIPAL_TTL = 5.0
+_principals: dict[str, tuple[float, Principal]] = {}
+_principals_lock = threading.Lock()
+
+
+def _cached_principal(session: Session, token: str) -> Principal:
+    key = hash_secret(token)
+    now = time.monotonic()
+    with _principals_lock:
+        hit = _principals.get(key)
+    if hit is not None and now - hit[0] < PRINCIPAL_TTL:
+        return hit[1]
+    principal = authenticate(session, token)
+    with _principals_lock:
+        if len(_principals) > 10_000:
+            _principals.clear()
+        _principals[key] = (now, principal)
+    return principal
+
+
+def forget_principals() -> None:
+    """Drop every cached authentication (after a token is revoked or a user deleted)."""
+    with _principals_lock:
+        _principals.clear()
 
 
 def require(*roles: str) -> params.Depends:

@@ -126,6 +126,8 @@ class _SniffingListener:
 
     async def _route(self, conn: socket.socket) -> None:
         conn.setblocking(False)
+        # small answers must not wait for the client's delayed ACK (Nagle): 40 ms per request
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handed_over = False
         try:
             first = await asyncio.wait_for(_peek(conn), SNIFF_SECONDS)

@@ -17,6 +17,7 @@ from ..auth import (
     Principal,
     SessionDep,
     audit,
+    forget_principals,
     issue_enrollment,
     issue_token,
     redeem_enrollment,
@@ -67,6 +68,7 @@ def enroll(body: EnrollRequest, request: Request, session: SessionDep, ctx: Cont
         .where(Token.host_id == host.id, Token.role == AGENT, Token.revoked.is_(False))
         .values(revoked=True)
     )
+    forget_principals()
     row, secret = issue_token(session, AGENT, host=host)
     agent = Principal(actor=f"host:{host.name}", role=AGENT, host_id=host.id, token_id=row.id)
     audit(

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ...catalog.models import Host, Token, User
 from ...errors import NotFound
-from ..auth import ADMIN, Principal, SessionDep, audit, issue_token, require, utcnow
+from ..auth import ADMIN, Principal, SessionDep, audit, forget_principals, issue_token, require, utcnow
 from ..schemas import MAX_INT32, TokenCreate, TokenCreated, TokenOut
 from . import ERRORS
 
@@ -66,4 +66,5 @@ def revoke_token(
     if row is None:
         raise NotFound(f"no token with id {token_id}; list them with GET /api/v1/tokens")
     row.revoked = True
+    forget_principals()
     audit(session, request, principal, target=f"token:{token_id}")

@@ -122,6 +122,7 @@ def start_session(
 @router.post("/sessions/{sid}/missing", response_model=Missing)
 async def missing(sid: str, request: Request, principal: AgentDep, ctx: ContextDep) -> Missing:
     """Which of the ids in the body (32 bytes each, back to back) the vault lacks, by position."""
+    request.state.audited = True  # data plane: not an audit event (nor a catalog write)
     s = _session(ctx, principal, sid)
     body = await request.body()
     if len(body) > MAX_IDS_PER_QUERY * ID_LEN:
@@ -136,6 +137,7 @@ async def missing(sid: str, request: Request, principal: AgentDep, ctx: ContextD
 async def upload_blobs(sid: str, request: Request, principal: AgentDep, ctx: ContextDep) -> Received:
     """Store the frames of the body. Whole frames that arrived are kept even if the connection
     drops mid-body; a malformed frame rejects the request (frames before it may be kept)."""
+    request.state.audited = True  # data plane: not an audit event (nor a catalog write)
     s = _session(ctx, principal, sid)
     ingest = ingest_of(ctx)
     pending, total, received, stored = b"", 0, 0, 0

@@ -9,7 +9,7 @@ from sqlalchemy import delete, select
 
 from ...catalog.models import Token, User
 from ...errors import Conflict, NotFound
-from ..auth import ADMIN, NO_PASSWORD, Principal, SessionDep, audit, hash_password, require
+from ..auth import ADMIN, NO_PASSWORD, Principal, SessionDep, audit, forget_principals, hash_password, require
 from ..schemas import NAME_PATTERN, UserCreate, UserOut
 from . import ERRORS
 
@@ -52,4 +52,5 @@ def delete_user(
     tokens = session.scalars(select(Token.id).where(Token.user_id == user.id)).all()
     session.execute(delete(Token).where(Token.user_id == user.id))
     session.delete(user)
+    forget_principals()
     audit(session, request, principal, target=f"user:{name}", detail={"tokens_deleted": list(tokens)})
