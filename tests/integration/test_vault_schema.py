@@ -1,6 +1,7 @@
 """Bad input to every endpoint of the vault's API: schemathesis (v4) generates requests from the
-served OpenAPI document (valid ones and invalid ones) against an in-process app with an admin
-token; hypothesis drives each operation. No response may be a 5xx, and the repository must be
+served OpenAPI document (valid ones and invalid ones) against an in-process app, once with an
+admin's token and once with an agent's (whose upload sessions are live); hypothesis drives each
+operation. No response may be a 5xx, and the repository must be
 unchanged afterwards (the same snapshots with the same notes)."""
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dingyuan.catalog.models import Token
+from dingyuan.catalog.models import Host, Token
 from dingyuan.vault.app import create_app
 from dingyuan.vault.auth import hash_secret, new_api_token
 from dingyuan.vault.context import VaultContext, open_vault_context
+from dingyuan.vault.ingest import Ingest
 from vaultkit import PASSPHRASE, make_snapshot, make_vault
 
 #: the fuzzing admin token's id: far from the small ids a generated DELETE /tokens/{id} may
@@ -34,7 +37,9 @@ EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 25}
 def ctx(tmp_path: Path) -> Iterator[VaultContext]:
     cfg = make_vault(tmp_path)
     c = open_vault_context(cfg.dir, PASSPHRASE)
+    ingest = c.extras["ingest"] = Ingest(c.repo, tmp_path / "spool")  # upload sessions are live
     yield c
+    ingest.close()
     c.close()
 
 
@@ -46,7 +51,10 @@ def _repository_state(ctx: VaultContext) -> dict[str, Any]:
     }
 
 
-def test_no_input_makes_a_server_error_or_changes_the_repository(ctx: VaultContext, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["admin", "agent"])
+def test_no_input_makes_a_server_error_or_changes_the_repository(
+    ctx: VaultContext, tmp_path: Path, role: str
+) -> None:
     make_snapshot(ctx, tmp_path, "web1", "data", 1)
     make_snapshot(ctx, tmp_path, "web2", "root", 2)
     locked = ctx.repo.snapshots()[0]
@@ -56,7 +64,17 @@ def test_no_input_makes_a_server_error_or_changes_the_repository(ctx: VaultConte
 
     token = new_api_token()
     with Session(ctx.engine) as session, session.begin():
-        session.add(Token(id=FUZZ_TOKEN_ID, role="admin", secret_hash=hash_secret(token), revoked=False))
+        # an agent's token is that of web1, which has a volume: its upload sessions can open
+        host = session.scalars(select(Host).where(Host.name == "web1")).one() if role == "agent" else None
+        session.add(
+            Token(
+                id=FUZZ_TOKEN_ID,
+                role=role,
+                host_id=host.id if host else None,
+                secret_hash=hash_secret(token),
+                revoked=False,
+            )
+        )
     headers = {"Authorization": f"Bearer {token}"}
 
     schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", create_app(ctx))

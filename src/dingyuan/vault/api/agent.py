@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Request
+from fastapi import Path as FastApiPath
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -18,9 +19,11 @@ from ...catalog.models import Host, Job, Policy, Volume
 from ...errors import NotFound
 from ..auth import AGENT, Principal, SessionDep, require
 from ..jobs import JobKind, JobState, claim_backup_job, due_backups, finish_job, record_heartbeat
+from ..schemas import MAX_INT32
 
 router = APIRouter(tags=["agent"])
 AgentDep = Annotated[Principal, require(AGENT)]
+JobId = Annotated[int, FastApiPath(ge=1, le=MAX_INT32)]
 
 
 class WorkItem(BaseModel):
@@ -107,7 +110,7 @@ def progress(
 
 
 @router.post("/agent/jobs/{job_id}/fail", response_model=JobAck)
-def fail(job_id: int, body: FailBody, principal: AgentDep, session: SessionDep) -> JobAck:
+def fail(job_id: JobId, body: FailBody, principal: AgentDep, session: SessionDep) -> JobAck:
     """The agent gave up on a job; the error is shown by ``dingyuan status`` and the job retried."""
     job = _own_job(session, principal, job_id)
     if job.state == JobState.RUNNING:

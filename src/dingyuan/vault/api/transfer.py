@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi import Path as FastApiPath
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,6 +33,7 @@ from ..schemas import NAME_PATTERN
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["transfer"])
 AgentDep = Annotated[Principal, require(AGENT)]
+SessionId = Annotated[str, FastApiPath(pattern=r"^[0-9a-f]{32}$")]
 _PARSE_EVERY = 128 << 10  # parse and store what arrived every 128 KiB of a streamed upload
 
 
@@ -119,8 +121,17 @@ def start_session(
     )
 
 
-@router.post("/sessions/{sid}/missing", response_model=Missing)
-async def missing(sid: str, request: Request, principal: AgentDep, ctx: ContextDep) -> Missing:
+#: the binary bodies of the data plane, for the OpenAPI document (handlers read the raw body)
+_BINARY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post("/sessions/{sid}/missing", response_model=Missing, openapi_extra=_BINARY)
+async def missing(sid: SessionId, request: Request, principal: AgentDep, ctx: ContextDep) -> Missing:
     """Which of the ids in the body (32 bytes each, back to back) the vault lacks, by position."""
     request.state.audited = True  # data plane: not an audit event (nor a catalog write)
     s = _session(ctx, principal, sid)
@@ -133,8 +144,8 @@ async def missing(sid: str, request: Request, principal: AgentDep, ctx: ContextD
     return Missing(missing=found)
 
 
-@router.post("/sessions/{sid}/blobs", response_model=Received)
-async def upload_blobs(sid: str, request: Request, principal: AgentDep, ctx: ContextDep) -> Received:
+@router.post("/sessions/{sid}/blobs", response_model=Received, openapi_extra=_BINARY)
+async def upload_blobs(sid: SessionId, request: Request, principal: AgentDep, ctx: ContextDep) -> Received:
     """Store the frames of the body. Whole frames that arrived are kept even if the connection
     drops mid-body; a malformed frame rejects the request (frames before it may be kept)."""
     request.state.audited = True  # data plane: not an audit event (nor a catalog write)
@@ -171,7 +182,7 @@ async def upload_blobs(sid: str, request: Request, principal: AgentDep, ctx: Con
 
 @router.post("/sessions/{sid}/commit", response_model=Committed)
 def commit(
-    sid: str,
+    sid: SessionId,
     body: CommitBody,
     request: Request,
     background: BackgroundTasks,
@@ -245,7 +256,7 @@ def apply_policy_after_commit(ctx: VaultContext, volume_id: int, snapshot_id: st
 
 @router.delete("/sessions/{sid}", status_code=204)
 def abort_session(
-    sid: str, request: Request, principal: AgentDep, session: SessionDep, ctx: ContextDep
+    sid: SessionId, request: Request, principal: AgentDep, session: SessionDep, ctx: ContextDep
 ) -> None:
     """End a session without a snapshot; what it received stays for the next run."""
     ingest_of(ctx).abort(_session(ctx, principal, sid))
