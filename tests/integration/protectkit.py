@@ -57,7 +57,27 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float, step: float = 0
         time.sleep(step)
 
 
-class Vault:
+class _Process:
+    """A dingyuan command in a child process, to SIGKILL (a crash) or SIGTERM (a clean stop)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Vault(_Process):
     """``dingyuan vault serve`` in a process; ``kill()`` is SIGKILL, ``start()`` starts it again."""
 
     def __init__(self, root: Path) -> None:
@@ -112,19 +132,8 @@ class Vault:
         except httpx.TransportError:
             return False
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         self.api.close()
 
     # the API, as an administrator -------------------------------------------------------------
@@ -152,7 +161,7 @@ class Vault:
         return out
 
 
-class Agent:
+class Agent(_Process):
     """``dingyuan agent run`` of one host in a process, logging every upload request."""
 
     def __init__(self, root: Path, vault: Vault, host: str) -> None:
@@ -180,20 +189,6 @@ class Agent:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     def bytes_sent(self) -> int:
         """Every byte this host's agent processes put into upload requests, killed ones included."""
