@@ -17,6 +17,7 @@ TEST_DEBS=(
     qemu-utils
     libnbd-bin python3-libnbd nbdkit
     fuse3
+    postgresql postgresql-client
 )
 
 link_system_python_modules() {

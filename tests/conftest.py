@@ -12,6 +12,7 @@ from dingyuan.repository.backends.local import LocalBackend
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.crypto import KdfParams
 from dingyuan.repository.repo import Repository
+from pgkit import PgCluster, server_bindir
 
 #: Argon2id parameters cheap enough for tests (1 MiB, one pass, one lane).
 TEST_KDF = KdfParams(1024, 1, 1)
@@ -49,3 +50,27 @@ def repo_local(tmp_path: Path) -> Iterator[Repository]:
     r = _init(LocalBackend(tmp_path / "repo"), tmp_path / "repo-cache")
     yield r
     r.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL server for the session (Unix socket in a temporary directory), stopped
+    and removed at the end; skips when the server binaries are not installed."""
+    bindir = server_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL server not installed (no /usr/lib/postgresql/*/bin/initdb); "
+            "install the Debian package postgresql"
+        )
+    cluster = PgCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """The SQLAlchemy URL (``postgresql+psycopg://``) of a new, empty database on ``pg_cluster``."""
+    return pg_cluster.create_database()

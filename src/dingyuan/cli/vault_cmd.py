@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from ..vault.context import VaultContext
 
 
+def _without_password(url: str) -> str:
+    """``url`` to show: a password in it is masked (it stays in vault.json only)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
 def vault_dir_option(f: F) -> F:
     return click.option(
         "--dir",
@@ -53,25 +61,32 @@ def vault() -> None:
     metavar="NAME",
     help="A name or address clients reach the vault by (repeatable; localhost and 127.0.0.1 always).",
 )
+@click.option(
+    "--catalog-url",
+    metavar="URL",
+    help="The catalog's database, e.g. postgresql+psycopg://dingyuan@dbhost/dingyuan (an existing "
+    "database; needs the 'postgres' extra) [default: catalog.sqlite in the vault directory].",
+)
 def init(
     vault_dir: Path,
     passphrase_file: Path | None,
     as_json: bool,
     encryption: str,
     hostnames: tuple[str, ...],
+    catalog_url: str | None,
 ) -> None:
     """Create a vault: its repository, catalog, TLS CA and server certificate."""
     from ..vault.config import init_vault
     from ..vault.local import create_first_admin
 
     passphrase = new_passphrase(passphrase_file, encryption, "this vault's repository")
-    cfg = init_vault(vault_dir, passphrase, encryption, hostnames)
+    cfg = init_vault(vault_dir, passphrase, encryption, hostnames, catalog_url=catalog_url)
     token_file = create_first_admin(cfg)
     info = {
         "dir": str(cfg.dir),
         "repository_id": cfg.repository_id,
         "repository": str(cfg.repository),
-        "catalog_url": cfg.catalog_url,
+        "catalog_url": _without_password(cfg.catalog_url),
         "ca_fingerprint_sha256": cfg.ca_fingerprint(),
         "ca_cert": str(cfg.tls_ca_cert),
         "listen": cfg.listen,

@@ -124,13 +124,20 @@ def init_vault(
     passphrase: bytes | None,
     encryption: str = "aes-256-gcm",
     hostnames: Iterable[str] = (),
+    catalog_url: str | None = None,
 ) -> VaultConfig:
     """Create a vault in ``vault_dir``: its repository, catalog, TLS material and ``vault.json``.
+
+    The catalog is ``catalog.sqlite`` in the vault directory unless ``catalog_url`` names another
+    database (``postgresql+psycopg://user@host/dbname``: an existing, empty or already migrated
+    database; the migrations create the tables).
 
     Refuses a directory that already holds a vault or a repository. ``vault.json`` is written
     last, so a failed init leaves no vault behind (run it again after removing the leftovers).
     """
     cfg = VaultConfig.defaults(vault_dir)
+    if catalog_url is not None:
+        cfg.catalog_url = catalog_url
     if cfg.path.exists():
         raise VaultExists(location=str(cfg.dir))
     cfg.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -193,6 +193,14 @@ def due_backups(session: Session, now: datetime, host_id: int | None = None) -> 
     return [v for _, v in sorted(due, key=lambda d: d[0])]
 
 
+def _lock_volume(session: Session, volume_id: int) -> None:
+    """Hold the volume's row until the caller's transaction ends (``SELECT ... FOR UPDATE`` on
+    PostgreSQL), so two transactions that check for an active backup and then add or start one
+    take turns: the second sees the first's job. SQLite has no row locks (SQLAlchemy leaves the
+    clause out); there the second writer fails to commit instead (the database is locked)."""
+    session.execute(select(Volume.id).where(Volume.id == volume_id).with_for_update())
+
+
 def _active_backups(session: Session, volume_id: int) -> list[Job]:
     q = select(Job).where(
         Job.volume_id == volume_id, Job.kind == JobKind.BACKUP, Job.state.in_(ACTIVE_STATES)
@@ -205,6 +213,7 @@ def request_backup(session: Session, volume: Volume, now: datetime, requested_by
     already has a pending or running backup job, that job is returned instead of a second one.
     Like any backup, it is listed by :func:`due_backups` only while the volume is enabled, has a
     source and an enabled policy."""
+    _lock_volume(session, volume.id)
     active = _active_backups(session, volume.id)
     if active:
         return active[0]
@@ -225,10 +234,12 @@ def claim_backup_job(session: Session, volume: Volume, now: datetime) -> Job:
     ``running`` with ``started`` and ``heartbeat`` at ``now``. Raises :class:`JobConflict` if a
     backup of the volume is running already (one job per volume at a time).
 
-    The check and the claim are one transaction of the caller; only the volume's own agent claims
-    it, so two claims at once are not expected. On SQLite the second of two would fail to commit
-    (the database is locked); on PostgreSQL both could succeed (read committed).
+    The check and the claim are one transaction of the caller, holding the volume's row: of two
+    claims at once (not expected: only the volume's own agent claims it) the second waits for the
+    first and then gets :class:`JobConflict` on PostgreSQL, or fails to commit on SQLite (the
+    database is locked).
     """
+    _lock_volume(session, volume.id)
     active = _active_backups(session, volume.id)
     running = [j for j in active if j.state == JobState.RUNNING]
     if running:
