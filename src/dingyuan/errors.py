@@ -33,6 +33,7 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   ├── AgentConfigError          the agent is not enrolled / agent.json unreadable
     │   ├── PolicyError               a policy that cannot be scheduled or applied
     │   ├── JobConflict               a job that is not in a state for what was asked
+    │   ├── CatalogUnavailable        the catalog's URL is wrong or its database unreachable
     │   └── ListenError               the API server cannot listen on its address
     ├── TransferError                 exit 2  (agent-to-vault transfers)
     │   ├── UploadRejected            a malformed or inconsistent upload
@@ -222,6 +223,11 @@ class VaultRefused(TransferError):
 class PolicyError(VaultError):
     """Policy {policy} cannot be used: {detail}. Correct the policy; volumes that use it are not
     backed up until then."""
+
+
+class CatalogUnavailable(VaultError):
+    """Cannot open the catalog at {url}: {detail}. Check the catalog URL (vault.json, --catalog-url)
+    and that the database server runs and accepts this user."""
 
 
 class JobConflict(VaultError):

@@ -19,12 +19,18 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlalchemy.orm import Session
 
-from dingyuan.catalog.db import create_catalog_engine, current_revision, head_revision, migrate, open_catalog
+from dingyuan.catalog.db import (
+    create_catalog_engine,
+    current_revision,
+    head_revision,
+    migrate,
+    open_catalog,
+    safe_url,
+)
 from dingyuan.catalog.db import sqlite_url as sqlite_url_of
 from dingyuan.catalog.models import AuditEvent, Base, Host, Job, Policy, Snapshot, Token, User, Volume
 from dingyuan.catalog.rebuild import RebuildReport, rebuild_catalog
 from dingyuan.cli.main import cli
-from dingyuan.cli.vault_cmd import _without_password
 from dingyuan.errors import JobConflict
 from dingyuan.repository.backup import backup
 from dingyuan.repository.repo import Repository
@@ -381,7 +387,7 @@ def test_cli_init_with_a_postgresql_catalog(tmp_path: Path, pg_url: str) -> None
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["catalog_url"] == pg_url
-    assert "s3cret" not in _without_password("postgresql+psycopg://dy:s3cret@db.example/dingyuan")
+    assert "s3cret" not in safe_url("postgresql+psycopg://dy:s3cret@db.example/dingyuan")
     assert load_vault(d).catalog_url == pg_url and not (d / "catalog.sqlite").exists()
     res = runner.invoke(
         cli,

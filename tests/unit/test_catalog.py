@@ -25,6 +25,7 @@ from dingyuan.catalog.db import (
 )
 from dingyuan.catalog.models import AuditEvent, Base, Host, Job, Policy, Snapshot, Token, User, Volume
 from dingyuan.catalog.rebuild import RebuildReport, rebuild_catalog
+from dingyuan.errors import CatalogUnavailable
 from dingyuan.repository.backup import backup
 from dingyuan.repository.repo import Repository
 
@@ -281,3 +282,11 @@ def test_rebuild_follows_deletions_and_notes_and_keeps_vault_state(
     rebuild_catalog(repo, fresh)
     assert _catalog_view(fresh) == view
     fresh.dispose()
+
+
+def test_an_unreachable_or_malformed_catalog_is_a_clear_error_without_the_password() -> None:
+    with pytest.raises(CatalogUnavailable) as e:
+        open_catalog("postgresql+psycopg://dy:s3cret@127.0.0.1:1/dingyuan")  # nothing listens on port 1
+    assert "s3cret" not in str(e.value) and "127.0.0.1" in str(e.value)
+    with pytest.raises(CatalogUnavailable):
+        open_catalog("no-such-dialect://x")

@@ -17,7 +17,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
+from ..errors import CatalogUnavailable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -70,7 +73,24 @@ def head_revision() -> str | None:
 
 
 def open_catalog(url: str) -> Engine:
-    """Open (creating if needed) the catalog at ``url`` and migrate it to the newest schema."""
-    engine = create_catalog_engine(url)
-    migrate(engine)
+    """Open (creating if needed) the catalog at ``url`` and migrate it to the newest schema;
+    :class:`CatalogUnavailable` when the URL is wrong or the database cannot be reached."""
+    try:
+        engine = create_catalog_engine(url)
+    except (ArgumentError, ImportError) as e:
+        raise CatalogUnavailable(url=safe_url(url), detail=str(e)) from None
+    try:
+        migrate(engine)
+    except (OperationalError, InterfaceError) as e:
+        engine.dispose()
+        raise CatalogUnavailable(url=safe_url(url), detail=str(e.orig or e).strip()) from None
     return engine
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password, if any, masked (for messages and output)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "<malformed URL>"
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)

@@ -15,14 +15,6 @@ if TYPE_CHECKING:
     from ..vault.context import VaultContext
 
 
-def _without_password(url: str) -> str:
-    """``url`` to show: a password in it is masked (it stays in vault.json only)."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
-
-
 def vault_dir_option(f: F) -> F:
     return click.option(
         "--dir",
@@ -76,6 +68,7 @@ def init(
     catalog_url: str | None,
 ) -> None:
     """Create a vault: its repository, catalog, TLS CA and server certificate."""
+    from ..catalog.db import safe_url
     from ..vault.config import init_vault
     from ..vault.local import create_first_admin
 
@@ -86,7 +79,7 @@ def init(
         "dir": str(cfg.dir),
         "repository_id": cfg.repository_id,
         "repository": str(cfg.repository),
-        "catalog_url": _without_password(cfg.catalog_url),
+        "catalog_url": safe_url(cfg.catalog_url),
         "ca_fingerprint_sha256": cfg.ca_fingerprint(),
         "ca_cert": str(cfg.tls_ca_cert),
         "listen": cfg.listen,
