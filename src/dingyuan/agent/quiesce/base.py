@@ -46,6 +46,9 @@ ON_FAILURE: tuple[OnFailure, ...] = ("crash", "skip")
 
 #: default time a plugin step may take (seconds)
 DEFAULT_STEP_TIMEOUT = 10.0
+#: the Quiescer gives up on a step this long after its timeout: a plugin that enforces its own
+#: timeout (the script plugin kills its command) reports first, with a better message
+STEP_GRACE = 0.5
 
 
 class Plugin(ABC):
@@ -148,7 +151,7 @@ class Quiescer:
     def prepare(self) -> None:
         """Run every plugin's ``prepare``; a failure is handled by ``on_failure``."""
         for p in self.plugins:
-            err = call_with_timeout(p.prepare, p.timeout, f"{p.name}-prepare")
+            err = call_with_timeout(p.prepare, p.timeout + STEP_GRACE, f"{p.name}-prepare")
             if err is not None:
                 self._fail(p, "prepare", err)
                 return
@@ -158,11 +161,12 @@ class Quiescer:
         After a failure every plugin is already thawed (or QuiesceFailed is raised)."""
         if not self.report.ok:
             return False
-        self.report.frozen_at = time.monotonic()
+        if self.plugins:
+            self.report.frozen_at = time.monotonic()
         for p in self.plugins:
             with self._lock:
                 self._to_thaw.append(p)  # before freeze: a hung freeze is thawed too
-            err = call_with_timeout(p.freeze, p.timeout, f"{p.name}-freeze")
+            err = call_with_timeout(p.freeze, p.timeout + STEP_GRACE, f"{p.name}-freeze")
             if err is not None:
                 self._fail(p, "freeze", err)
                 return False
@@ -174,7 +178,7 @@ class Quiescer:
         with self._lock:
             todo, self._to_thaw = self._to_thaw, []
         for p in reversed(todo):
-            err = call_with_timeout(p.thaw, p.timeout, f"{p.name}-thaw")
+            err = call_with_timeout(p.thaw, p.timeout + STEP_GRACE, f"{p.name}-thaw")
             if err is not None:
                 msg = f"{p.describe()}: thaw failed: {_describe(err)}"
                 log.error("quiesce %s", msg)

@@ -2,7 +2,8 @@
 
 - ``prepare``: ``PRAGMA wal_checkpoint(TRUNCATE)`` moves the write-ahead log into the database
   file, so the pause has little to do and a restore rarely needs the ``-wal`` file.
-- ``freeze``: ``BEGIN IMMEDIATE`` on a connection of our own takes the write lock: writers wait
+- ``freeze``: ``BEGIN IMMEDIATE`` on a connection of our own (polled, so that back-to-back
+  writers cannot starve it) takes the write lock: writers wait
   (their busy timeout) from here on, readers go on. A second connection then runs a PASSIVE
   checkpoint, which needs no write lock: the frames committed since ``prepare`` reach the
   database file too, so a copy of the database file alone holds every committed transaction
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from ...errors import PluginFailed
@@ -59,13 +61,29 @@ class SqlitePlugin(Plugin):
         finally:
             conn.close()
 
-    def freeze(self) -> None:
+    def _begin_immediate(self) -> sqlite3.Connection:
+        """BEGIN IMMEDIATE, polling every half millisecond instead of SQLite's busy handler: its
+        sleeps grow to 100 ms and a writer that commits back to back would always win the lock
+        in between (starving us until the timeout)."""
         conn = self._connect()
+        conn.execute("PRAGMA busy_timeout = 0")
+        deadline = time.monotonic() + self.timeout
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return conn
+                except sqlite3.OperationalError as e:
+                    busy = "locked" in str(e) or "busy" in str(e)
+                    if not busy or self._thawed or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.0005)
         except BaseException:
             conn.close()
             raise
+
+    def freeze(self) -> None:
+        conn = self._begin_immediate()
         with self._lock:
             if self._thawed:  # our timeout passed and thaw already ran: let go at once
                 conn.execute("ROLLBACK")
