@@ -14,6 +14,7 @@ cd "$DY_ROOT"
 TEST_DEBS=(
     python3 python3-venv python3-pip
     e2fsprogs curl
+    xfsprogs btrfs-progs util-linux mount
     qemu-utils
     libnbd-bin python3-libnbd nbdkit
     fuse3

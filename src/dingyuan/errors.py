@@ -26,6 +26,13 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   └── StorageIOError            EIO and other OS errors
     ├── SourceError                   exit 30 (reading the volume to back up)
     ├── RestoreTargetError            exit 31 (writing the restore target)
+    ├── ConsistencyError              exit 32 (taking a point in time of a volume)
+    │   ├── ProviderUnavailable       the provider cannot serve this source (checked up front)
+    │   ├── ProviderFailed            a snapshot ioctl or step failed
+    │   │   └── CommandFailed         a snapshot tool (lvcreate, diskshadow, ...) failed
+    │   ├── FreezeTimeout             frozen longer than allowed: the watchdog thawed, nothing committed
+    │   ├── PluginFailed              a quiesce plugin's step failed or timed out
+    │   └── QuiesceFailed             ... and the policy skips the snapshot on a quiesce failure
     ├── VaultError                    exit 2  (the vault's directory, configuration, policies, jobs)
     │   ├── VaultExists
     │   ├── VaultNotFound
@@ -170,6 +177,42 @@ class RestoreTargetError(DingyuanError):
     """Cannot write the restore target {target}: {detail}"""
 
     exit_code = 31
+
+
+class ConsistencyError(DingyuanError):
+    """{detail}"""
+
+    exit_code = 32
+
+
+class ProviderUnavailable(ConsistencyError):
+    """The consistency provider '{provider}' cannot take a point in time of {source}: {reason}.
+    Choose another provider in the policy ('live' reads the source as it is, crash-consistent at
+    best)."""
+
+
+class ProviderFailed(ConsistencyError):
+    """The consistency provider '{provider}' failed on {source}: {detail}. Nothing was committed;
+    the next run tries again."""
+
+
+class CommandFailed(ProviderFailed):
+    """'{command}' failed: {detail}. Nothing was committed; the next run tries again."""
+
+
+class FreezeTimeout(ConsistencyError):
+    """{what} stayed paused longer than {limit} s: the watchdog thawed it and this snapshot is not
+    committed. Raise the limit in the policy, or use a provider that pauses only for an instant
+    (reflink, lvm)."""
+
+
+class PluginFailed(ConsistencyError):
+    """Quiesce plugin {plugin} failed to {step}: {detail}"""
+
+
+class QuiesceFailed(ConsistencyError):
+    """Quiesce plugin {plugin} failed to {step} ({detail}) and the policy skips the snapshot on a
+    quiesce failure: fix the plugin, or let the policy take a crash-consistent snapshot instead."""
 
 
 class VaultError(DingyuanError):
