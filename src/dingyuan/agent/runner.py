@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompleteSnapshot, SourceError
-from ..repository.backup import Progress, check_chunk_size, scan, scan_stats, source_size
+from ..repository.backup import Progress, ScanResult, check_chunk_size, scan, scan_stats, source_size
 from ..repository.manifest import fmt_time, utcnow
 from ..repository.threads import responsive_threads
 from .client import VaultClient
+from .consistency import ProviderOptions, choose
 from .leafcache import LeafCache, LeafWriter
+from .quiesce import Quiescer
 from .upload import RateLimiter, UploadSink
 
 log = logging.getLogger("dingyuan.agent")
@@ -87,10 +89,50 @@ def _run(
     use_cache: bool,
     on_session: Callable[[str], None] | None,
 ) -> RunResult:
+    """Choose the consistency provider (it refuses up front), open the upload session, take the
+    point in time and scan it, and commit only once the point in time is released (filesystems
+    thawed, clone deleted) and still valid."""
     t0 = time.monotonic()
-    taken = utcnow()
+    provider = choose(spec.consistency, spec.source, ProviderOptions(keep_writable=(state_dir,)))
+    writer: LeafWriter | None = None
     try:
-        fd = os.open(spec.source, os.O_RDONLY)
+        with provider.take(spec.source, Quiescer((), on_failure="crash")) as pit:
+            taken = utcnow()
+            sid, res, writer, sent = _scan(
+                client, id_key, state_dir, spec, pit.path, progress, use_cache, on_session
+            )
+            pit.check()
+        info = {
+            "root": res.root.hex(),
+            "height": res.height,
+            "time": fmt_time(taken),
+            "consistency": pit.level,
+            "source": spec.source,
+            "stats": {**scan_stats(res, time.monotonic() - t0), "bytes_sent": sent, **pit.stats()},
+        }
+        snap = client.commit(sid, info)
+        writer.commit(str(snap["id"]))
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    return RunResult(snap, sent, time.monotonic() - t0)
+
+
+def _scan(
+    client: VaultClient,
+    id_key: bytes,
+    state_dir: Path,
+    spec: RunSpec,
+    path: Path,
+    progress: Progress | None,
+    use_cache: bool,
+    on_session: Callable[[str], None] | None,
+) -> tuple[str, ScanResult, LeafWriter, int]:
+    """Upload what changed in ``path`` (the point in time of ``spec.source``) in a new session;
+    returns the session, the scan's result, the leaf writer to commit and the bytes sent."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise SourceError(source=spec.source, detail=e.strerror or str(e)) from None
     try:
@@ -105,8 +147,7 @@ def _run(
         if cache and (cache.snapshot_id != parent.get("id") or cache.chunk_size != cs):
             cache.close()
             cache = None
-        nchunks = -(-size // cs)
-        writer = LeafWriter(leaf_path(state_dir, spec.volume), cs, nchunks)
+        writer = LeafWriter(leaf_path(state_dir, spec.volume), cs, -(-size // cs))
         limiter = RateLimiter(spec.bandwidth_limit) if spec.bandwidth_limit else None
         try:
             with responsive_threads(), UploadSink(client, sid, id_key, limiter) as sink:
@@ -121,16 +162,6 @@ def _run(
                     on_leaves=writer.write,
                     batch_bytes=SCAN_BATCH,
                 )
-            info = {
-                "root": res.root.hex(),
-                "height": res.height,
-                "time": fmt_time(taken),
-                "consistency": spec.consistency,
-                "source": spec.source,
-                "stats": {**scan_stats(res, time.monotonic() - t0), "bytes_sent": sink.bytes_sent},
-            }
-            snap = client.commit(sid, info)
-            writer.commit(str(snap["id"]))
         except BaseException:
             writer.discard()
             raise
@@ -139,4 +170,4 @@ def _run(
                 cache.close()
     finally:
         os.close(fd)
-    return RunResult(snap, sink.bytes_sent, time.monotonic() - t0)
+    return sid, res, writer, sink.bytes_sent

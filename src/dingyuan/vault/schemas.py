@@ -31,7 +31,11 @@ MAX_INT64 = 2**63 - 1  # BigInteger columns
 MIN_INTERVAL = 10
 MIN_CHUNK, MAX_CHUNK, DEFAULT_CHUNK = 4 << 10, 4 << 20, 64 << 10
 RETENTION_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
-CONSISTENCY = Literal["crash", "filesystem", "application"]
+#: how an agent takes the point in time: a provider (agent/consistency), or a level that picks one
+#: (crash: a live read; filesystem, application: auto, the best provider the source allows)
+CONSISTENCY = Literal[
+    "crash", "filesystem", "application", "auto", "reflink", "btrfs", "freeze", "lvm", "vss", "live"
+]
 UserRole = Literal["admin", "operator", "viewer"]
 
 #: a host, volume, policy or user name

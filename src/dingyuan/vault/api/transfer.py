@@ -78,7 +78,7 @@ class CommitBody(BaseModel):
     consistency: str = Field(default="crash", max_length=32)
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
     source: str = Field(default="", max_length=4096)
-    stats: dict[str, int] = Field(default_factory=dict, max_length=32)
+    stats: dict[str, int | float | str | list[str]] = Field(default_factory=dict, max_length=32)
 
 
 class Committed(BaseModel):
