@@ -205,3 +205,12 @@ def writable_within(directory: Path, seconds: float) -> bool:
 
     threading.Thread(target=probe, daemon=True).start()
     return done.wait(seconds)
+
+
+@pytest.fixture
+def xfs_stack(tmp_path: Path) -> Iterator[Stack]:
+    """An XFS filesystem holding a loop-mounted ext4 image (see :func:`image_stack`)."""
+    if not have("mkfs.xfs"):
+        pytest.skip("needs xfsprogs")
+    with image_stack(tmp_path, "xfs") as st:
+        yield st

@@ -7,11 +7,9 @@ gap-free prefix holding every record durable before the point in time."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from fskit import WRITER, Stack, Writer, debugfs_cat, e2fsck_clean, have, image_stack, max_gap, needs_root
+from fskit import WRITER, Stack, Writer, debugfs_cat, e2fsck_clean, max_gap, needs_root
 
 from dingyuan.agent.runner import RunSpec, run_backup
 from dingyuan.repository.repo import Repository
@@ -20,14 +18,6 @@ from dingyuan.vault.ingest import Ingest
 from transferkit import DirectClient
 
 pytestmark = needs_root
-
-
-@pytest.fixture
-def xfs_stack(tmp_path: Path) -> Iterator[Stack]:
-    if not have("mkfs.xfs"):
-        pytest.skip("needs xfsprogs")
-    with image_stack(tmp_path, "xfs") as st:
-        yield st
 
 
 def test_an_agent_run_of_a_mounted_image_is_a_filesystem_consistent_point_in_time(

@@ -41,14 +41,6 @@ from dingyuan.errors import FreezeTimeout, ProviderUnavailable, QuiesceFailed
 pytestmark = needs_root
 
 
-@pytest.fixture
-def xfs_stack(tmp_path: Path) -> Iterator[Stack]:
-    if not have("mkfs.xfs"):
-        pytest.skip("needs xfsprogs")
-    with image_stack(tmp_path, "xfs") as st:
-        yield st
-
-
 def clones_of(image: Path) -> list[Path]:
     return list(image.parent.glob(f".{image.name}{CLONE_MARK}*"))
 
