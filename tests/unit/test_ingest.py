@@ -5,6 +5,7 @@ sends only what changed, a killed vault keeps what arrived, and nothing incomple
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -20,7 +21,7 @@ from blake3 import blake3
 from dingyuan.agent.leafcache import HEADER, LeafCache
 from dingyuan.agent.runner import RunSpec, leaf_path, run_backup
 from dingyuan.agent.upload import UPLOAD_BYTES
-from dingyuan.errors import IncompleteSnapshot, SessionNotFound, UploadRejected
+from dingyuan.errors import IncompleteSnapshot, SessionNotFound, StorageFull, UploadRejected
 from dingyuan.protocol import Frame, frame_header, parse_frames
 from dingyuan.repository.backends.local import LocalBackend
 from dingyuan.repository.crypto import KdfParams
@@ -246,3 +247,22 @@ def test_a_block_device_is_backed_up_like_a_file(
         subprocess.run(["losetup", "-d", dev], check=True)
     assert repo.read_snapshot(snap["id"]).size == 2 << 20
     assert _restored_digest(repo, snap["id"], tmp_path) == _digest(img)
+
+
+def test_a_full_spool_disk_refuses_the_upload_clearly_and_keeps_nothing_half_written(
+    world: tuple[Repository, Ingest, DirectClient, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, ingest, _, _ = world
+    s = ingest.start(HOST, "disk0", CS, CS)
+    chunk = os.urandom(CS)
+    cid = blake3(chunk, key=repo.cipher.id_key).digest()
+
+    def full(fd: int, buffers: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    with pytest.raises(StorageFull):
+        ingest.receive(s, [Frame(cid, BlobType.CHUNK, Codec.RAW, CS, memoryview(chunk))])
+    monkeypatch.undo()
+    assert ingest.missing([cid]) == [0], "a blob that was never written must not count as present"
+    ingest.abort(s)

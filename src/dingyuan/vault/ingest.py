@@ -20,6 +20,7 @@ A session holds a shared repository lock (gc waits); an idle session expires aft
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import struct
@@ -39,6 +40,8 @@ from ..errors import (
     IncompleteSnapshot,
     MissingObject,
     SessionNotFound,
+    StorageFull,
+    StorageIOError,
     UploadRejected,
     UsageError,
 )
@@ -69,7 +72,12 @@ class Spool:
 
     def append(self, bid: bytes, btype: BlobType, codec: Codec, raw_length: int, stored: Buffer) -> None:
         head = _RECORD.pack(bid, btype, codec, raw_length, len(stored))
-        os.writev(self.fd, [head, stored])  # one write: a killed process leaves whole records
+        try:
+            os.writev(self.fd, [head, stored])  # one write: a killed process leaves whole records
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StorageFull(name=str(self.path)) from None
+            raise StorageIOError(name=str(self.path), detail=e.strerror or str(e)) from None
         self.size += len(head) + len(stored)
         self.ids.append(bid)
 
@@ -299,7 +307,12 @@ class Ingest:
                         continue
                     self._inflight.add(f.id)
                 sealed = self.repo.cipher.seal_blob(f.payload, f.id + bytes([f.type]))
-                session.spool.append(f.id, f.type, f.codec, f.raw_length, sealed)
+                try:
+                    session.spool.append(f.id, f.type, f.codec, f.raw_length, sealed)
+                except BaseException:
+                    with self._lock:  # not stored: it must not count as present
+                        self._inflight.discard(f.id)
+                    raise
                 new += 1
                 if session.spool.size >= self.repo.pack_size:
                     self._pack(session)
