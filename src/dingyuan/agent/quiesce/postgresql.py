@@ -127,9 +127,12 @@ class PostgresqlPlugin(Plugin):
     def freeze(self) -> None:
         with self._lock:
             conn = self._conn
-        if conn is None:
+        if conn is None:  # prepare did not keep one
             conn = self._connect("freeze")
             with self._lock:
+                if self._thawed:  # our timeout passed and thaw already ran: let go at once
+                    conn.close()
+                    return
                 self._conn = conn
         row = self._query(
             conn,
