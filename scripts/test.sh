@@ -18,7 +18,7 @@ TEST_DEBS=(
     qemu-utils
     libnbd-bin python3-libnbd nbdkit
     fuse3
-    postgresql postgresql-client
+    postgresql postgresql-client postgresql-contrib  # the server, pgbench, amcheck
 )
 
 link_system_python_modules() {

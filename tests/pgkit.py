@@ -137,3 +137,74 @@ class PgCluster:
         name = f"test_{self._databases}"
         self.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+
+class PgServer:
+    """A PostgreSQL server on a data directory of the test's choosing (a mounted image, a restored
+    copy), listening only on a Unix socket in ``sockdir``, run as the ``postgres`` user when we are
+    root. Unlike :class:`PgCluster` it keeps PostgreSQL's durability defaults (fsync, synchronous
+    commit, full-page writes): the tests that use it check what survives a point in time."""
+
+    SUPERUSER = "postgres"
+
+    def __init__(self, bindir: Path, data: Path, sockdir: Path, log: Path) -> None:
+        self.bindir, self.data, self.sockdir, self.log = bindir, data, sockdir, log
+        self.user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        self.started = False
+        for d in (sockdir, data):
+            d.mkdir(parents=True, exist_ok=True)
+            if self.user is not None:
+                os.chown(d, self.user.pw_uid, self.user.pw_gid)
+        data.chmod(0o700)
+        if self.user is not None:
+            log.touch()
+            os.chown(log, self.user.pw_uid, self.user.pw_gid)
+
+    def run(self, *args: str, timeout: float = 120) -> str:
+        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC"}
+        kwargs: dict[str, Any] = {}
+        if self.user is not None:
+            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+            env["HOME"] = str(self.sockdir)
+        proc = subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            env=env,
+            cwd=self.sockdir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kwargs,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{args[0]} failed with status {proc.returncode}:\n{proc.stdout}{proc.stderr}{self.logtext()}"
+            )
+        return proc.stdout
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def initdb(self, *options: str) -> None:
+        self.run(
+            "initdb", "--pgdata", str(self.data), "--username", self.SUPERUSER, "--auth", "trust",
+            "--encoding", "UTF8", "--locale", "C.UTF-8", *options,
+        )  # fmt: skip
+
+    def start(self, *settings: str) -> None:
+        options = " ".join(
+            [f"-c listen_addresses='' -c unix_socket_directories='{self.sockdir}' -p {PORT}"]
+            + [f"-c {s}" for s in settings]
+        )
+        data, log = str(self.data), str(self.log)
+        self.run("pg_ctl", "start", "--pgdata", data, "--log", log, "--wait", "-o", options)
+        self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            self.run("pg_ctl", "stop", "--pgdata", str(self.data), "--mode", "fast", "--wait")
+            self.started = False
+
+    def conninfo(self, dbname: str = "postgres") -> str:
+        return f"host={self.sockdir} port={PORT} user={self.SUPERUSER} dbname={dbname}"

@@ -83,12 +83,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def image_stack(base: Path, outer_fs: str) -> Iterator[Stack]:
+def image_stack(base: Path, outer_fs: str, inner_size: int = 64 << 20) -> Iterator[Stack]:
     outer_img = base / f"{outer_fs}.img"
-    make_fs(outer_img, 320 << 20, outer_fs)  # mkfs.xfs wants at least 300 MiB
+    make_fs(outer_img, max(320 << 20, 2 * inner_size), outer_fs)  # mkfs.xfs wants at least 300 MiB
     with loop_mount(outer_img, base / "outer"):
         image = base / "outer" / "disk.img"
-        make_fs(image, 64 << 20, "ext4")
+        make_fs(image, inner_size, "ext4")
         with loop_mount(image, base / "inner") as dev:
             yield Stack(base / "outer", image, base / "inner", dev)
 

@@ -386,3 +386,30 @@ def test_cli_init_writes_an_admin_token_and_makes_tokens(
             assert r2.status_code == 200
     finally:
         ctx.close()
+
+
+def test_a_policys_quiesce_setting_is_checked_and_handed_to_the_agent(
+    ctx: VaultContext, world: dict[str, Any]
+) -> None:
+    bad = {
+        "mysql": "unknown quiesce plugin",
+        "postgresql:password=x": "postgresql",
+        "sqlite:relative.db": "absolute path",
+        "script:/bin/freeze": "FREEZE,THAW",
+        "postgresql;on_failure=maybe": "on_failure",
+        "postgresql;;sqlite:/a.db": "empty entry",
+        "on_failure=skip": "names no plugin",
+        "postgresql;timeout=0": "timeout",
+        "sqlite:/" + "a" * 300: "invalid request",
+    }
+    with api_client(ctx, world["tokens"]["admin"]) as c:
+        for setting, reason in bad.items():
+            r = c.patch("policies/hourly", json={"quiesce": setting})
+            assert r.status_code == 422, setting
+            assert reason in r.json()["message"], r.json()["message"]
+        good = "postgresql:host=/run/postgresql port=5432 user=postgres;on_failure=skip"
+        r = c.patch("policies/hourly", json={"quiesce": good})
+        assert r.status_code == 200 and r.json()["quiesce"] == good
+    with api_client(ctx, world["tokens"]["agent"]) as c:
+        jobs = c.post("agent/work").json()["jobs"]
+    assert [j["quiesce"] for j in jobs] == [good]

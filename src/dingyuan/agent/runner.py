@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import IncompleteSnapshot, SourceError
+from ..errors import IncompleteSnapshot, SourceError, UsageError
 from ..repository.backup import Progress, ScanResult, check_chunk_size, scan, scan_stats, source_size
 from ..repository.manifest import fmt_time, utcnow
 from ..repository.threads import responsive_threads
 from .client import VaultClient
 from .consistency import ProviderOptions, choose
 from .leafcache import LeafCache, LeafWriter
-from .quiesce import Quiescer
+from .quiesce import quiescer_for
 from .upload import RateLimiter, UploadSink
 
 log = logging.getLogger("dingyuan.agent")
@@ -37,6 +37,7 @@ class RunSpec:
     job: int | None = None
     bandwidth_limit: int | None = None
     consistency: str = "crash"
+    quiesce: str | None = None  # the policy's quiesce setting (agent/quiesce/spec.py)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RunSpec:
@@ -47,6 +48,7 @@ class RunSpec:
             job=int(doc["job"]) if doc.get("job") is not None else None,
             bandwidth_limit=int(doc["bandwidth_limit"]) if doc.get("bandwidth_limit") else None,
             consistency=str(doc.get("consistency") or "crash"),
+            quiesce=str(doc["quiesce"]) if doc.get("quiesce") else None,
         )
 
 
@@ -93,10 +95,14 @@ def _run(
     point in time and scan it, and commit only once the point in time is released (filesystems
     thawed, clone deleted) and still valid."""
     t0 = time.monotonic()
+    try:
+        quiescer = quiescer_for(spec.quiesce)
+    except ValueError as e:
+        raise UsageError(f"the policy's quiesce setting {spec.quiesce!r}: {e}") from None
     provider = choose(spec.consistency, spec.source, ProviderOptions(keep_writable=(state_dir,)))
     writer: LeafWriter | None = None
     try:
-        with provider.take(spec.source, Quiescer((), on_failure="crash")) as pit:
+        with provider.take(spec.source, quiescer) as pit:
             taken = utcnow()
             sid, res, writer, sent = _scan(
                 client, id_key, state_dir, spec, pit.path, progress, use_cache, on_session

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..agent.quiesce.spec import MAX_SPEC, parse_quiesce
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SNAPSHOT_ID_PATTERN = r"^[0-9a-f]{64}$"
 MAX_INT32 = 2**31 - 1  # Integer columns (PostgreSQL integer)
@@ -42,6 +44,15 @@ UserRole = Literal["admin", "operator", "viewer"]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 #: a path or device name on the agent: no control characters
 Source = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def _quiesce(v: str) -> str:
+    parse_quiesce(v)  # ValueError with the reason: a 422
+    return v
+
+
+#: a policy's quiesce setting: plugins and failure policy (agent/quiesce/spec.py), checked here
+Quiesce = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SPEC), AfterValidator(_quiesce)]
 Id = Annotated[int, Field(ge=1, le=MAX_INT32)]
 Seconds = Annotated[int, Field(ge=1, le=MAX_INT32)]
 
@@ -177,7 +188,7 @@ class PolicySettings(Request):
     enabled: bool = True
     bandwidth_limit: int | None = Field(default=None, ge=1, le=MAX_INT64, description="bytes per second")
     consistency: CONSISTENCY = "crash"
-    quiesce: Name | None = None
+    quiesce: Quiesce | None = None
 
     @field_validator("cron")
     @classmethod
@@ -212,7 +223,7 @@ class PolicyPatch(Request):
     enabled: bool | None = None
     bandwidth_limit: int | None = Field(default=None, ge=1, le=MAX_INT64)
     consistency: CONSISTENCY | None = None
-    quiesce: Name | None = None
+    quiesce: Quiesce | None = None
 
     @field_validator("cron")
     @classmethod

@@ -127,6 +127,7 @@ class Pause:
 
     def notes(self) -> list[str]:
         out = [f"quiesce: {e}" for e in self.report.errors]
+        out += [f"quiesce: {n}" for n in self.report.notes]
         out += [f"froze {mp}" for mp in self.frozen]
         if self.watchdog.fired:
             out.append(f"watchdog thawed after {self.watchdog.timeout:g} s")

@@ -5,17 +5,26 @@ providers and quiesce plugins", for the plugins that exist and those that are de
 """
 
 from .base import ON_FAILURE, OnFailure, Plugin, Quiescer, QuiesceReport, Watchdog, call_with_timeout
+from .factory import build_plugins, quiescer_for
+from .postgresql import PostgresqlPlugin
 from .script import ScriptPlugin
+from .spec import PluginSpec, QuiesceSpec, parse_quiesce
 from .sqlite import SqlitePlugin
 
 __all__ = [
     "ON_FAILURE",
     "OnFailure",
     "Plugin",
+    "PluginSpec",
+    "PostgresqlPlugin",
     "QuiesceReport",
+    "QuiesceSpec",
     "Quiescer",
     "ScriptPlugin",
     "SqlitePlugin",
     "Watchdog",
+    "build_plugins",
     "call_with_timeout",
+    "parse_quiesce",
+    "quiescer_for",
 ]

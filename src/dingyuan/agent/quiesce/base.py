@@ -73,6 +73,11 @@ class Plugin(ABC):
     def describe(self) -> str:
         return self.name
 
+    def notes(self) -> list[str]:
+        """What the snapshot should record about this freeze (a database's log position), read
+        after ``freeze`` returned."""
+        return []
+
 
 def call_with_timeout(fn: Callable[[], None], timeout: float, name: str) -> BaseException | None:
     """Run ``fn`` in a daemon thread; its exception, a :class:`TimeoutError` when it has not
@@ -104,11 +109,13 @@ def _describe(e: BaseException) -> str:
 class QuiesceReport:
     """What the plugins did: ``ok`` is true when every plugin prepared and froze (vacuously
     true without plugins), ``errors`` lists every failure (thaw failures too), ``frozen_at`` is
-    the monotonic time the first freeze began, ``thawed_at`` when the last thaw returned."""
+    the monotonic time the first freeze began, ``thawed_at`` when the last thaw returned,
+    ``notes`` what the plugins said about their freeze."""
 
     plugins: tuple[str, ...]
     ok: bool = True
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     frozen_at: float | None = None
     thawed_at: float | None = None
 
@@ -170,6 +177,7 @@ class Quiescer:
             if err is not None:
                 self._fail(p, "freeze", err)
                 return False
+            self.report.notes.extend(f"{p.describe()}: {n}" for n in p.notes())
         return True
 
     def thaw(self) -> None:

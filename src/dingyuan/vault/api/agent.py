@@ -33,6 +33,7 @@ class WorkItem(BaseModel):
     chunk_size: int
     bandwidth_limit: int | None
     consistency: str
+    quiesce: str | None
 
 
 class Work(BaseModel):
@@ -88,6 +89,7 @@ def work(request: Request, principal: AgentDep, session: SessionDep) -> Work:
                 chunk_size=vol.chunk_size,
                 bandwidth_limit=policy.bandwidth_limit,
                 consistency=policy.consistency,
+                quiesce=policy.quiesce,
             )
         )
     if not items:
