@@ -125,6 +125,7 @@ with open(log, "w", buffering=1) as out:
         db.execute("COMMIT")
         out.write(f"{n} {time.monotonic()}\n")
         n += 1
+        time.sleep(0.001)  # a steady load, not a flood that could fill the small image
 """
 
 
