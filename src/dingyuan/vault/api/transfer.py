@@ -151,7 +151,7 @@ async def upload_blobs(sid: SessionId, request: Request, principal: AgentDep, ct
     request.state.audited = True  # data plane: not an audit event (nor a catalog write)
     s = _session(ctx, principal, sid)
     ingest = ingest_of(ctx)
-    pending, total, received, stored = b"", 0, 0, 0
+    total = received = stored = 0
 
     async def store(data: bytes) -> bytes:
         nonlocal received, stored
@@ -169,14 +169,12 @@ async def upload_blobs(sid: SessionId, request: Request, principal: AgentDep, ct
                 raise UploadRejected(detail=f"an upload is at most {MAX_UPLOAD_BYTES} bytes")
             buf += piece
             if len(buf) >= _PARSE_EVERY:
-                pending = await store(bytes(buf))
-                buf = bytearray(pending)
+                buf = bytearray(await store(bytes(buf)))
     except ClientDisconnect:
         await store(bytes(buf))  # keep the whole frames; nobody reads the answer
         raise
-    pending = await store(bytes(buf))
-    if pending:
-        raise UploadRejected(detail=f"the body ends inside a frame ({len(pending)} bytes left over)")
+    if left := await store(bytes(buf)):
+        raise UploadRejected(detail=f"the body ends inside a frame ({len(left)} bytes left over)")
     return Received(received=received, stored=stored)
 
 
