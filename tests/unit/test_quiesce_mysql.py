@@ -110,6 +110,19 @@ def test_the_read_lock_holds_writers_until_the_thaw_and_the_quiesce_point_is_rec
     assert _unlocked(maria)
 
 
+def test_the_credentials_come_from_a_defaults_file(maria: MariaServer, tmp_path: Path) -> None:
+    cnf = tmp_path / "backup.cnf"
+    cnf.write_text(f"[client]\nuser=root\npassword=\nsocket={maria.socket}\n")
+    q = Quiescer(build_plugins(parse_quiesce(f"mysql:defaults_file={cnf} flush=no")))
+    q.prepare()
+    assert q.freeze(), q.report.errors
+    q.thaw()
+    assert q.report.ok and "read lock at" in q.report.notes[0], q.report
+    missing = MysqlPlugin({"defaults_file": str(tmp_path / "none.cnf")}, 1.0)
+    with pytest.raises(PluginFailed, match="no defaults file"):
+        missing.freeze()
+
+
 def test_a_lock_that_cannot_be_had_fails_the_freeze_at_its_timeout_and_leaves_nothing_locked(
     maria: MariaServer,
 ) -> None:

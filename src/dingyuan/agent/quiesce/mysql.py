@@ -40,6 +40,8 @@ from typing import Any
 from ...errors import PluginFailed
 from .base import DEFAULT_STEP_TIMEOUT, Plugin
 
+DEBIAN_SOCKET = "/run/mysqld/mysqld.sock"
+
 
 class MysqlPlugin(Plugin):
     name = "mysql"
@@ -77,17 +79,19 @@ class MysqlPlugin(Plugin):
             ) from None
         kw: dict[str, Any] = {}
         s = self.settings
+        defaults = s.get("defaults_file") or str(Path("~/.my.cnf").expanduser())
+        if os.path.isfile(defaults):  # its [client] group fills in what the policy leaves out
+            kw["read_default_file"] = defaults
+        elif "defaults_file" in s:
+            raise self._fail(step, f"no defaults file at {defaults}")
         if "socket" in s:
             kw["unix_socket"] = s["socket"]
-        elif "host" not in s and os.path.exists("/run/mysqld/mysqld.sock"):
-            kw["unix_socket"] = "/run/mysqld/mysqld.sock"  # Debian's default, as the mysql client
+        elif "host" not in s and "read_default_file" not in kw and os.path.exists(DEBIAN_SOCKET):
+            kw["unix_socket"] = DEBIAN_SOCKET  # where the mysql client looks first, too
         if "host" in s:
             kw["host"] = s["host"]
         if "port" in s:
             kw["port"] = int(s["port"])
-        defaults = s.get("defaults_file") or str(Path("~/.my.cnf").expanduser())
-        if os.path.isfile(defaults):
-            kw["read_default_file"] = defaults
         if "user" in s:
             kw["user"] = s["user"]
         elif "read_default_file" not in kw:
