@@ -19,7 +19,23 @@ TEST_DEBS=(
     libnbd-bin python3-libnbd nbdkit
     fuse3
     postgresql postgresql-client postgresql-contrib  # the server, pgbench, amcheck
+    mariadb-server mariadb-client  # mariadbd and mariadb-install-db: tests run private servers
 )
+
+stop_new_mariadb_service() {
+    # installing mariadb-server may start and enable a system service: the tests never use it (each
+    # runs a private server on a socket of its own), so when this run installed the package, stop
+    # and disable it rather than leave a server running (one that was there before is left alone)
+    command -v systemctl >/dev/null && [ -d /run/systemd/system ] || return 0
+    local unit=mariadb.service
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null || systemctl is-active --quiet "$unit" 2>/dev/null; then
+        if systemctl disable --now --quiet "$unit"; then
+            echo "services: stopped and disabled $unit"
+        else
+            echo "services: could not stop $unit (the tests do not need it)"
+        fi
+    fi
+}
 
 link_system_python_modules() {
     # python3-libnbd is built for Debian's /usr/bin/python3; link its module into the venv when the
@@ -59,7 +75,9 @@ run_check() {  # run_check NAME CMD...: runs one check with a header and its tim
 }
 
 dy_section "system packages"
+NEW_MARIADB=$(dy_missing_debs mariadb-server)
 dy_apt_ensure "${TEST_DEBS[@]}"
+[ -z "$NEW_MARIADB" ] || stop_new_mariadb_service
 
 dy_section "virtualenv and package"
 dy_venv_ensure

@@ -110,6 +110,7 @@ with open(log, "w", buffering=1) as out:
 SQLITE_WRITER = r"""
 import sqlite3, sys, time
 path, log = sys.argv[1], sys.argv[2]
+clock = time.time if sys.argv[3:] == ["wall"] else time.monotonic  # wall: compared with the snapshot's notes
 db = sqlite3.connect(path, timeout=60, isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL")
 db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, payload BLOB)")
@@ -123,7 +124,7 @@ with open(log, "w", buffering=1) as out:
         db.execute("INSERT INTO t VALUES (?, randomblob(200))", (n,))
         db.execute("UPDATE counter SET n = ?", (n,))
         db.execute("COMMIT")
-        out.write(f"{n} {time.monotonic()}\n")
+        out.write(f"{n} {clock()}\n")
         n += 1
         time.sleep(0.001)  # a steady load, not a flood that could fill the small image
 """
@@ -131,11 +132,12 @@ with open(log, "w", buffering=1) as out:
 
 class Writer:
     """A process that keeps writing (``script`` with a target and a log of ``n monotonic-time``
-    lines, one per durable record or committed transaction)."""
+    lines, one per durable record or committed transaction; ``args`` go to the script, e.g.
+    ``"wall"``: the SQLite writer logs wall-clock times)."""
 
-    def __init__(self, script: str, target: Path, log: Path) -> None:
+    def __init__(self, script: str, target: Path, log: Path, *args: str) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-c", script, str(target), str(log)])
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(target), str(log), *args])
 
     def entries(self) -> list[tuple[int, float]]:
         out = []

@@ -20,40 +20,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
+from consistkit import (
+    PROTECT_SECONDS,
+    Protected,
+    choose_seed,
+    protect_under_load,
+    quiesce_note,
+    report,
+    restored,
+    utc_seconds,
+)
 from fskit import Stack, have, image_stack, loop_mount, needs_root, writable_within
-from protectkit import Agent, Vault, wait_for
 
 from dingyuan.agent.runner import RunSpec, run_backup
 from dingyuan.errors import QuiesceFailed
-from dingyuan.repository.backends.local import LocalBackend
 from dingyuan.repository.repo import Repository
-from dingyuan.repository.restore import restore
 from dingyuan.vault.ingest import Ingest
 from pgkit import PORT, PgServer, server_bindir
 from transferkit import DirectClient
 
 pytestmark = needs_root
 
-INTERVAL = 10
-PROTECT_SECONDS = 120
 RATE = 200  # transactions per second pgbench aims at (one client)
-CHECKED = 3  # snapshots restored and started
 CLOCK_MARGIN = 0.01  # seconds: pgbench and the server read the same clock
 QUIESCE_NOTE = re.compile(r"quiesce point: WAL ([0-9A-F]+/[0-9A-F]+) at (\S+Z)")
 SETTINGS = ("max_wal_size=32MB", "min_wal_size=4MB", "shared_buffers=16MB")
@@ -113,14 +112,6 @@ def _commits(log_prefix: Path) -> list[tuple[int, float]]:
     return out
 
 
-def _quiesce_point(snap: dict[str, Any]) -> tuple[str, float]:
-    for note in snap["stats"].get("consistency_notes", []):
-        m = QUIESCE_NOTE.search(note)
-        if m:
-            return m.group(1), datetime.fromisoformat(m.group(2).replace("Z", "+00:00")).timestamp()
-    raise AssertionError(f"snapshot {snap['id']} records no quiesce point: {snap['stats']}")
-
-
 def _check_restored(bindir: Path, image: Path, base: Path) -> tuple[int, int, float]:
     """Loop-mount a restored image, start PostgreSQL on it (crash recovery), run amcheck over the
     pgbench and counter indexes; (rows in counter, largest number, seconds to start)."""
@@ -165,14 +156,9 @@ def test_pgbench_under_a_10_second_policy_every_checked_snapshot_recovers_with_e
     import psycopg  # noqa: F401  (the plugin and the checks need it)
 
     bindir = _bindir()
-    seed = int(os.environ.get("DY_TEST_SEED", random.randrange(1 << 30)))
-    print(f"\nseed {seed} (set DY_TEST_SEED to repeat)")
-    vault: Vault | None = None
-    agent: Agent | None = None
-    bench: subprocess.Popen[bytes] | None = None
+    seed = choose_seed()
+    benches: list[subprocess.Popen[bytes]] = []
     server: PgServer | None = None
-    ages: list[float] = []
-    sampling = threading.Event()
     # the server runs as postgres, which cannot enter pytest's private tmp_path: its files live
     # in a directory of their own that it can traverse
     base = Path(tempfile.mkdtemp(prefix="dingyuan-pgq-"))
@@ -186,107 +172,51 @@ def test_pgbench_under_a_10_second_policy_every_checked_snapshot_recovers_with_e
             server.initdb("--wal-segsize=1")
             server.start(*SETTINGS)
             _load(bindir, server)
-            vault = Vault(tmp_path)
-            vault.start()
-            quiesce = f"postgresql:host={server.sockdir} port={PORT} user=postgres"
-            vault.policy(
-                "pg10s", schedule="interval", interval_seconds=INTERVAL, consistency="auto", quiesce=quiesce
-            )
-            agent = Agent(tmp_path, vault, "db1")
-            vault.protect("db1", "pgdisk", st.image, "pg10s")
             (tmp_path / "tx.sql").write_text(TRANSACTION)
-            bench = subprocess.Popen(
-                [str(bindir / "pgbench"), "-n", "-c", "1", "-R", str(RATE), "-T", str(PROTECT_SECONDS + 8),
-                 "-D", "n=0", "-f", str(tmp_path / "tx.sql"), "-l", "--log-prefix", str(tmp_path / "pgb"),
-                 "postgres"],
-                env=_client_env(server), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            started = time.monotonic()
-            agent.start()
-            wait_for("the first snapshot", lambda: vault and vault.snapshots("db1", "pgdisk"), 60, step=0.5)
+            env = _client_env(server)
 
-            def sample() -> None:
-                assert vault is not None
-                while not sampling.wait(1.0):
-                    with contextlib.suppress(Exception):
-                        snaps = vault.snapshots("db1", "pgdisk")
-                        newest = max(datetime.fromisoformat(s["time"]).timestamp() for s in snaps)
-                        ages.append(time.time() - newest)
+            def start() -> None:
+                argv = [str(bindir / "pgbench"), "-n", "-c", "1", "-R", str(RATE),
+                        "-T", str(PROTECT_SECONDS + 8), "-D", "n=0", "-f", str(tmp_path / "tx.sql"),
+                        "-l", "--log-prefix", str(tmp_path / "pgb"), "postgres"]  # fmt: skip
+                benches.append(
+                    subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                )
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            time.sleep(max(0.0, PROTECT_SECONDS - (time.monotonic() - started)))
-            sampling.set()
-            sampler.join()
-            agent.stop()
-            _, err = bench.communicate(timeout=60)
-            assert bench.returncode == 0, err.decode(errors="replace")
-            snaps = vault.snapshots("db1", "pgdisk")
-            vault.stop()
+            quiesce = f"postgresql:host={server.sockdir} port={PORT} user=postgres"
+            run = protect_under_load(tmp_path, st.image, quiesce, start)
+            _, err = benches[0].communicate(timeout=60)
+            assert benches[0].returncode == 0, err.decode(errors="replace")
         finally:
-            sampling.set()
-            if bench is not None and bench.poll() is None:
-                bench.send_signal(signal.SIGKILL)
-                bench.wait()
-            if agent is not None:
-                agent.kill()
-            if vault is not None:
-                vault.stop()
+            for bench in benches:
+                if bench.poll() is None:
+                    bench.send_signal(signal.SIGKILL)
+                    bench.wait()
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()
 
-        assert vault is not None
-        check(bindir, vault, snaps, _commits(tmp_path / "pgb"), ages, seed, base, tmp_path)
+        check(bindir, run, _commits(tmp_path / "pgb"), seed, base, tmp_path)
 
 
 def check(
-    bindir: Path,
-    vault: Vault,
-    snaps: list[dict[str, Any]],
-    commits: list[tuple[int, float]],
-    ages: list[float],
-    seed: int,
-    base: Path,
-    tmp_path: Path,
+    bindir: Path, run: Protected, commits: list[tuple[int, float]], seed: int, base: Path, tmp_path: Path
 ) -> None:
     """The figures of the run, and the chosen snapshots restored, started and checked."""
-    paused = sorted(s["stats"]["paused_ms"] for s in snaps)
-    p95 = paused[min(len(paused) - 1, int(0.95 * len(paused)))]
-    print(
-        f"{len(snaps)} snapshots in {PROTECT_SECONDS} s, {len(commits)} transactions; "
-        f"pause ms: median {statistics.median(paused):.1f}, p95 {p95:.1f}, max {paused[-1]:.1f}; "
-        f"RPO (age of the newest snapshot, {len(ages)} samples): max {max(ages):.1f} s, "
-        f"median {statistics.median(ages):.1f} s"
-    )
-    assert len(snaps) >= PROTECT_SECONDS // INTERVAL - 2, "snapshots missing"
-    for s in snaps:
-        assert s["consistency"] == "application", s
-        assert s["stats"]["consistency_provider"] == "reflink"
-        assert s["stats"]["quiesce_plugin"].startswith("postgresql")
-    assert p95 <= 1000, paused
-    assert max(ages) <= INTERVAL + 10, ages
-
-    repo = Repository.open(LocalBackend(vault.dir / "repository"), b"protect-test", tmp_path / "cache")
-    try:
-        chosen = random.Random(seed).sample(snaps, CHECKED)
-        for i, s in enumerate(sorted(chosen, key=lambda s: s["time"])):
-            lsn, point = _quiesce_point(s)
-            before = sum(1 for _, t in commits if t < point - CLOCK_MARGIN)
-            out = base / f"restored-{i}.img"
-            restore(repo, repo.read_snapshot(s["id"]), str(out), fsync=False)
-            rows, largest, start_s = _check_restored(bindir, out, base / f"check-{i}")
-            out.unlink()
-            print(
-                f"snapshot {s['id'][:12]} at {s['time']}: quiesce point WAL {lsn}, "
-                f"paused {s['stats']['paused_ms']:.1f} ms; {before} commits returned before it, "
-                f"counter holds 1..{largest} ({rows} rows); recovered in {start_s:.1f} s, amcheck passed"
-            )
-            assert rows == largest, "the counter has gaps"
-            assert largest >= before, "a transaction committed before the quiesce point is missing"
-            assert largest <= len(commits)
-    finally:
-        repo.close()
+    report(run, "postgresql", len(commits))
+    for i, (s, image) in enumerate(restored(run, seed, base, tmp_path / "cache")):
+        note = quiesce_note(s, QUIESCE_NOTE)
+        lsn, point = note.group(1), utc_seconds(note.group(2))
+        before = sum(1 for _, t in commits if t < point - CLOCK_MARGIN)
+        rows, largest, start_s = _check_restored(bindir, image, base / f"check-{i}")
+        print(
+            f"snapshot {s['id'][:12]} at {s['time']}: quiesce point WAL {lsn}, "
+            f"paused {s['stats']['paused_ms']:.1f} ms; {before} commits returned before it, "
+            f"counter holds 1..{largest} ({rows} rows); recovered in {start_s:.1f} s, amcheck passed"
+        )
+        assert rows == largest, "the counter has gaps"
+        assert largest >= before, "a transaction committed before the quiesce point is missing"
+        assert largest <= len(commits)
 
 
 # a server that never answers ------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -164,6 +165,10 @@ def test_sqlite_freeze_blocks_writers_until_thaw(tmp_path: Path) -> None:
     w.execute("INSERT INTO t VALUES (3)")
     w.close()
     assert q.report.ok and q.report.plugin == "sqlite:app.db"
+    (note,) = q.report.notes  # the quiesce point: when the write lock was taken
+    assert re.fullmatch(
+        r"sqlite:app\.db: quiesce point: write lock at \S+Z, WAL frames (\d+)/\1 checkpointed", note
+    ), note
 
 
 def test_sqlite_freeze_times_out_when_a_writer_holds_the_lock(tmp_path: Path) -> None:

@@ -392,7 +392,8 @@ def test_a_policys_quiesce_setting_is_checked_and_handed_to_the_agent(
     ctx: VaultContext, world: dict[str, Any]
 ) -> None:
     bad = {
-        "mysql": "unknown quiesce plugin",
+        "oracle": "unknown quiesce plugin",
+        "mysql:password=x": "mysql",
         "postgresql:password=x": "postgresql",
         "sqlite:relative.db": "absolute path",
         "script:/bin/freeze": "FREEZE,THAW",

@@ -6,6 +6,7 @@ providers and quiesce plugins", for the plugins that exist and those that are de
 
 from .base import ON_FAILURE, OnFailure, Plugin, Quiescer, QuiesceReport, Watchdog, call_with_timeout
 from .factory import build_plugins, quiescer_for
+from .mysql import MysqlPlugin
 from .postgresql import PostgresqlPlugin
 from .script import ScriptPlugin
 from .spec import PluginSpec, QuiesceSpec, parse_quiesce
@@ -13,6 +14,7 @@ from .sqlite import SqlitePlugin
 
 __all__ = [
     "ON_FAILURE",
+    "MysqlPlugin",
     "OnFailure",
     "Plugin",
     "PluginSpec",

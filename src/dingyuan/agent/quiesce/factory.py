@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Plugin, Quiescer
+from .mysql import MysqlPlugin
 from .postgresql import PostgresqlPlugin
 from .script import ScriptPlugin
 from .spec import QuiesceSpec, parse_quiesce
@@ -14,6 +15,8 @@ def build_plugins(spec: QuiesceSpec) -> list[Plugin]:
     for p in spec.plugins:
         if p.kind == "postgresql":
             out.append(PostgresqlPlugin(p.args, timeout=spec.timeout))
+        elif p.kind == "mysql":
+            out.append(MysqlPlugin(p.args, timeout=spec.timeout))
         elif p.kind == "sqlite":
             out.append(SqlitePlugin(p.args["path"], timeout=spec.timeout))
         elif p.kind == "script":

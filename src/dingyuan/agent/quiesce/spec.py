@@ -5,12 +5,18 @@ The setting is one short string (at most 255 characters), entries separated by `
     postgresql
     postgresql:host=/run/postgresql port=5432 user=postgres;on_failure=skip
     sqlite:/srv/app/app.db
+    mysql:socket=/run/mysqld/mysqld.sock user=backup
     script:/usr/local/bin/freeze.sh,/usr/local/bin/thaw.sh
     sqlite:/srv/a.db;postgresql:host=/tmp;timeout=5
 
 - ``postgresql[:KEY=VALUE ...]``: libpq connection keywords (``host``, ``port``, ``user``,
   ``dbname``, ``sslmode``), space-separated, no quoting; no password (use ``~/.pgpass`` or
   peer/trust authentication for the agent's user). Default: libpq's defaults.
+- ``mysql[:KEY=VALUE ...]`` (MariaDB or MySQL): ``host``, ``port``, ``user``, ``socket`` (an
+  absolute path), ``defaults_file`` (an absolute path; its ``[client]`` group gives the
+  credentials, default ``~/.my.cnf`` of the agent's user), ``flush=yes|no`` (``FLUSH TABLES``
+  before the lock; default yes), space-separated; no password. Default: the local server's
+  socket.
 - ``sqlite:PATH``: an absolute path to the database file.
 - ``script:FREEZE,THAW``: two absolute paths, run without a shell (the thaw script runs even when
   the freeze script failed: it must be safe when nothing is frozen).
@@ -33,9 +39,11 @@ from dataclasses import dataclass, field
 from .base import DEFAULT_STEP_TIMEOUT, OnFailure
 
 MAX_SPEC = 255
-PLUGIN_KINDS = ("postgresql", "sqlite", "script")
+PLUGIN_KINDS = ("postgresql", "mysql", "sqlite", "script")
 #: libpq keywords a ``postgresql`` entry may set (no password in a policy)
 PG_KEYWORDS = ("host", "port", "user", "dbname", "sslmode")
+#: what a ``mysql`` entry may set (no password in a policy)
+MYSQL_KEYWORDS = ("host", "port", "user", "socket", "defaults_file", "flush")
 MAX_TIMEOUT = 300.0
 _VALUE = re.compile(r"^[^\s;=\x00-\x1f\x7f]+$")
 
@@ -43,7 +51,7 @@ _VALUE = re.compile(r"^[^\s;=\x00-\x1f\x7f]+$")
 @dataclass(frozen=True)
 class PluginSpec:
     """One plugin entry: ``kind`` and its arguments (``postgresql``: the libpq keywords;
-    ``sqlite``: ``path``; ``script``: ``freeze`` and ``thaw``)."""
+    ``mysql``: its keywords; ``sqlite``: ``path``; ``script``: ``freeze`` and ``thaw``)."""
 
     kind: str
     args: dict[str, str] = field(default_factory=dict)
@@ -62,6 +70,24 @@ def _absolute(path: str, what: str) -> str:
     return path
 
 
+def _mysql(arg: str) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for word in arg.split():
+        key, eq, value = word.partition("=")
+        if not eq or key not in MYSQL_KEYWORDS or not value or not _VALUE.match(value):
+            raise ValueError(f"mysql: {word!r} is not KEY=VALUE with KEY one of {', '.join(MYSQL_KEYWORDS)}")
+        if key in args:
+            raise ValueError(f"mysql: {key} given twice")
+        if key in ("socket", "defaults_file"):
+            _absolute(value, f"mysql: {key}")
+        elif key == "port" and not (value.isdigit() and 0 < int(value) < 65536):
+            raise ValueError(f"mysql: port must be a TCP port number, got {value!r}")
+        elif key == "flush" and value not in ("yes", "no"):
+            raise ValueError(f"mysql: flush must be yes or no, got {value!r}")
+        args[key] = value
+    return args
+
+
 def _plugin(entry: str) -> PluginSpec:
     kind, _, arg = entry.partition(":")
     kind = kind.strip()
@@ -77,6 +103,8 @@ def _plugin(entry: str) -> PluginSpec:
                 raise ValueError(f"postgresql: {key} given twice")
             args[key] = value
         return PluginSpec("postgresql", args)
+    if kind == "mysql":
+        return PluginSpec("mysql", _mysql(arg))
     if kind == "sqlite":
         return PluginSpec("sqlite", {"path": _absolute(arg.strip(), "sqlite: the database")})
     if kind == "script":

@@ -10,6 +10,9 @@
   (the ``-wal`` file, if the copy has it, is consistent with it as well).
 - ``thaw``: ``ROLLBACK`` (nothing was written) releases the lock.
 
+The snapshot's notes record the quiesce point: the UTC time the write lock was taken (every
+transaction whose commit returned before it is in the copy) and the checkpoint's frame counts.
+
 A rollback-journal database needs no checkpoint: holding the RESERVED lock means no other
 connection is committing, so the database file holds exactly the committed transactions.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ...errors import PluginFailed
@@ -35,6 +39,7 @@ class SqlitePlugin(Plugin):
         self._conn: sqlite3.Connection | None = None
         self._thawed = False
         self.checkpoint: tuple[int, int, int] | None = None  # (busy, log, checkpointed) at freeze
+        self.at: str | None = None  # UTC time the write lock was taken (ISO 8601)
 
     def describe(self) -> str:
         return f"sqlite:{self.database.name}"
@@ -51,6 +56,8 @@ class SqlitePlugin(Plugin):
     def prepare(self) -> None:
         with self._lock:
             self._thawed = False  # one plugin object may serve run after run
+            self.at = None
+            self.checkpoint = None
         conn = self._connect()
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -84,12 +91,14 @@ class SqlitePlugin(Plugin):
 
     def freeze(self) -> None:
         conn = self._begin_immediate()
+        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         with self._lock:
             if self._thawed:  # our timeout passed and thaw already ran: let go at once
                 conn.execute("ROLLBACK")
                 conn.close()
                 return
             self._conn = conn
+            self.at = at
         side = self._connect()
         try:
             if str(side.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
@@ -97,6 +106,15 @@ class SqlitePlugin(Plugin):
                 self.checkpoint = (int(busy), int(nlog), int(done))
         finally:
             side.close()
+
+    def notes(self) -> list[str]:
+        if self.at is None:
+            return []
+        point = f"quiesce point: write lock at {self.at}"
+        if self.checkpoint is not None:
+            busy, nlog, done = self.checkpoint
+            point += f", WAL frames {done}/{nlog} checkpointed" + (" (busy)" if busy else "")
+        return [point]
 
     def thaw(self) -> None:
         with self._lock:
