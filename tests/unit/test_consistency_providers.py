@@ -169,6 +169,8 @@ def test_vss_sequence_on_recorded_outputs() -> None:
     with provider.take("C:\\") as pit:
         assert str(pit.path) == "\\\\?\\GLOBALROOT\\Device\\HarddiskVolumeShadowCopy7"
         assert pit.level == "application"
+    names = [w.name for w in parse_writers((FIXTURES / "vss" / "writers_ok.txt").read_text())]
+    assert "Microsoft Exchange Writer" in names
     assert [c[:2] for c in run.calls] == [["diskshadow", "/s"], ["vssadmin", "list"], ["vssadmin", "delete"]]
     assert run.calls[-1] == [
         "vssadmin",
@@ -184,6 +186,7 @@ def test_vss_sequence_on_recorded_outputs() -> None:
 def test_vss_failed_writer_follows_the_policy() -> None:
     writers = parse_writers((FIXTURES / "vss" / "writers_failed.txt").read_text())
     assert [w.name for w in writers if not w.ok] == ["SqlServerWriter"]
+    assert "Microsoft Exchange Writer" in [w.name for w in writers if w.ok]  # Exchange: its writer
     run = vss_run("writers_failed.txt")
     with VssProvider(run=run, windows=True).take("C:", Quiescer(on_failure="crash")) as pit:
         assert pit.level == "crash"

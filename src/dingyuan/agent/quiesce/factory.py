@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .base import Plugin, Quiescer
 from .mysql import MysqlPlugin
+from .oracle import OraclePlugin
 from .postgresql import PostgresqlPlugin
 from .script import ScriptPlugin
 from .spec import QuiesceSpec, parse_quiesce
 from .sqlite import SqlitePlugin
+from .sqlserver import SqlServerPlugin
 
 
 def build_plugins(spec: QuiesceSpec) -> list[Plugin]:
@@ -17,6 +19,10 @@ def build_plugins(spec: QuiesceSpec) -> list[Plugin]:
             out.append(PostgresqlPlugin(p.args, timeout=spec.timeout))
         elif p.kind == "mysql":
             out.append(MysqlPlugin(p.args, timeout=spec.timeout))
+        elif p.kind == "oracle":
+            out.append(OraclePlugin(p.args, timeout=spec.timeout))
+        elif p.kind == "sqlserver":
+            out.append(SqlServerPlugin(p.args, timeout=spec.timeout))
         elif p.kind == "sqlite":
             out.append(SqlitePlugin(p.args["path"], timeout=spec.timeout))
         elif p.kind == "script":

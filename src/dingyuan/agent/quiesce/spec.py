@@ -7,6 +7,8 @@ The setting is one short string (at most 255 characters), entries separated by `
     sqlite:/srv/app/app.db
     mysql:socket=/run/mysqld/mysqld.sock user=backup
     script:/usr/local/bin/freeze.sh,/usr/local/bin/thaw.sh
+    oracle:sid=ORCL oracle_home=/u01/app/oracle/product/19c user=sysdba_os_auth
+    sqlserver:instance=db1\\SQL2022 database=sales
     sqlite:/srv/a.db;postgresql:host=/tmp;timeout=5
 
 - ``postgresql[:KEY=VALUE ...]``: libpq connection keywords (``host``, ``port``, ``user``,
@@ -17,6 +19,12 @@ The setting is one short string (at most 255 characters), entries separated by `
   credentials, default ``~/.my.cnf`` of the agent's user), ``flush=yes|no`` (``FLUSH TABLES``
   before the lock; default yes), space-separated; no password. Default: the local server's
   socket.
+- ``oracle[:KEY=VALUE ...]`` (untested on a real server): ``sid``, ``oracle_home`` (an absolute
+  path), ``user=sysdba_os_auth`` (the only authentication: the agent's user logs in ``/ as
+  sysdba``), space-separated. Default: the agent's environment.
+- ``sqlserver:KEY=VALUE ...`` (SQL Server 2022+, untested on a real server): ``database`` (needed),
+  ``instance`` (``HOST``, ``HOST\\INSTANCE`` or ``HOST,PORT``; default ``localhost``),
+  space-separated; integrated authentication, no password.
 - ``sqlite:PATH``: an absolute path to the database file.
 - ``script:FREEZE,THAW``: two absolute paths, run without a shell (the thaw script runs even when
   the freeze script failed: it must be safe when nothing is frozen).
@@ -39,11 +47,19 @@ from dataclasses import dataclass, field
 from .base import DEFAULT_STEP_TIMEOUT, OnFailure
 
 MAX_SPEC = 255
-PLUGIN_KINDS = ("postgresql", "mysql", "sqlite", "script")
+PLUGIN_KINDS = ("postgresql", "mysql", "sqlite", "script", "oracle", "sqlserver")
 #: libpq keywords a ``postgresql`` entry may set (no password in a policy)
 PG_KEYWORDS = ("host", "port", "user", "dbname", "sslmode")
 #: what a ``mysql`` entry may set (no password in a policy)
 MYSQL_KEYWORDS = ("host", "port", "user", "socket", "defaults_file", "flush")
+#: what an ``oracle`` entry may set
+ORACLE_KEYWORDS = ("sid", "oracle_home", "user")
+#: what a ``sqlserver`` entry may set
+SQLSERVER_KEYWORDS = ("instance", "database")
+_ORACLE_SID = re.compile(r"^[A-Za-z][A-Za-z0-9_$#]{0,29}$")
+#: names that need no quoting inside ``[...]`` or ``'...'`` in T-SQL
+_MSSQL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$#@-]{0,127}$")
+_MSSQL_INSTANCE = re.compile(r"^[A-Za-z0-9_.-]+(?:\\[A-Za-z0-9_$]+)?(?:,\d{1,5})?$")
 MAX_TIMEOUT = 300.0
 _VALUE = re.compile(r"^[^\s;=\x00-\x1f\x7f]+$")
 
@@ -88,6 +104,44 @@ def _mysql(arg: str) -> dict[str, str]:
     return args
 
 
+def _keywords(kind: str, arg: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for word in arg.split():
+        key, eq, value = word.partition("=")
+        if not eq or key not in allowed or not value or not _VALUE.match(value):
+            raise ValueError(f"{kind}: {word!r} is not KEY=VALUE with KEY one of {', '.join(allowed)}")
+        if key in args:
+            raise ValueError(f"{kind}: {key} given twice")
+        args[key] = value
+    return args
+
+
+def _oracle(arg: str) -> dict[str, str]:
+    args = _keywords("oracle", arg, ORACLE_KEYWORDS)
+    if "sid" in args and not _ORACLE_SID.match(args["sid"]):
+        raise ValueError(f"oracle: sid must be an Oracle SID (letters, digits, _$#), got {args['sid']!r}")
+    if "oracle_home" in args:
+        _absolute(args["oracle_home"], "oracle: oracle_home")
+    if args.get("user", "sysdba_os_auth") != "sysdba_os_auth":
+        raise ValueError("oracle: user must be sysdba_os_auth (no password in a policy)")
+    return args
+
+
+def _sqlserver(arg: str) -> dict[str, str]:
+    args = _keywords("sqlserver", arg, SQLSERVER_KEYWORDS)
+    if "database" not in args:
+        raise ValueError("sqlserver: database=NAME is needed")
+    if not _MSSQL_NAME.match(args["database"]):
+        raise ValueError(
+            f"sqlserver: database must be a plain name (letters, digits, _.$#@-), got {args['database']!r}"
+        )
+    if "instance" in args and not _MSSQL_INSTANCE.match(args["instance"]):
+        raise ValueError(
+            f"sqlserver: instance must be HOST, HOST\\INSTANCE or HOST,PORT, got {args['instance']!r}"
+        )
+    return args
+
+
 def _plugin(entry: str) -> PluginSpec:
     kind, _, arg = entry.partition(":")
     kind = kind.strip()
@@ -105,6 +159,10 @@ def _plugin(entry: str) -> PluginSpec:
         return PluginSpec("postgresql", args)
     if kind == "mysql":
         return PluginSpec("mysql", _mysql(arg))
+    if kind == "oracle":
+        return PluginSpec("oracle", _oracle(arg))
+    if kind == "sqlserver":
+        return PluginSpec("sqlserver", _sqlserver(arg))
     if kind == "sqlite":
         return PluginSpec("sqlite", {"path": _absolute(arg.strip(), "sqlite: the database")})
     if kind == "script":
