@@ -88,8 +88,12 @@ start_bg() {  # start_bg NAME CMD...: runs CMD detached (own session, no termina
     echo "started the $name (pid $!), log in $(show "$DEMO/$name.log")"
 }
 
-alive() {  # alive NAME: its process still runs
-    [ -f "$DEMO/$1.pid" ] && is_ours "$(<"$DEMO/$1.pid")"
+alive() {  # alive NAME: its process still runs and is not a zombie (not is_ours: right after the
+    # fork, before setsid has exec'd dingyuan, the child's command line is still this script's)
+    local stat
+    [ -f "$DEMO/$1.pid" ] && stat=$(cat "/proc/$(<"$DEMO/$1.pid")/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }  # the fields after "(comm) ": the state comes first
+    [ "${stat%% *}" != Z ]
 }
 
 # --- failures -------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def test_a_policys_quiesce_setting_is_checked_and_handed_to_the_agent(
     ctx: VaultContext, world: dict[str, Any]
 ) -> None:
     bad = {
-        "oracle": "unknown quiesce plugin",
+        "db2": "unknown quiesce plugin",
         "mysql:password=x": "mysql",
         "postgresql:password=x": "postgresql",
         "sqlite:relative.db": "absolute path",
