@@ -13,19 +13,15 @@ or ``thaw``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 from collections.abc import Sequence
 
 from ...errors import PluginFailed
 from .base import DEFAULT_STEP_TIMEOUT, Plugin
+from .tools import kill_group, output_tail
 
 Command = str | Sequence[str]
-
-#: bytes of a failed command's output kept in the error message
-OUTPUT_TAIL = 2000
 
 
 class ScriptPlugin(Plugin):
@@ -70,30 +66,20 @@ class ScriptPlugin(Plugin):
         try:
             out, _ = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             out, _ = proc.communicate()
             raise PluginFailed(
                 plugin=self.name,
                 step=step,
-                detail=f"{step} command killed after {self.timeout:g} s{_tail(out)}",
+                detail=f"{step} command killed after {self.timeout:g} s{output_tail(out)}",
             ) from None
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             proc.wait()
             raise
         if proc.returncode != 0:
             raise PluginFailed(
                 plugin=self.name,
                 step=step,
-                detail=f"{step} command exited with status {proc.returncode}{_tail(out)}",
+                detail=f"{step} command exited with status {proc.returncode}{output_tail(out)}",
             )
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _tail(out: bytes | None) -> str:
-    text = (out or b"").decode(errors="replace").strip()
-    return f": {text[-OUTPUT_TAIL:]}" if text else ""

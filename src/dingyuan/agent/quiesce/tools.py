@@ -40,24 +40,26 @@ def run_bounded(argv: Sequence[str], timeout: float) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         out, _ = proc.communicate()
-        raise CommandFailed(command=argv[0], detail=f"killed after {timeout:g} s{_tail(out)}") from None
+        raise CommandFailed(command=argv[0], detail=f"killed after {timeout:g} s{output_tail(out)}") from None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         proc.wait()
         raise
     text = out.decode(errors="replace")
     if proc.returncode != 0:
-        raise CommandFailed(command=argv[0], detail=f"status {proc.returncode}{_tail(out)}")
+        raise CommandFailed(command=argv[0], detail=f"status {proc.returncode}{output_tail(out)}")
     return text
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group a command was started in (``start_new_session=True``)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _tail(out: bytes | None) -> str:
+def output_tail(out: bytes | None) -> str:
+    """The end of a command's output, for an error message (empty if it printed nothing)."""
     text = (out or b"").decode(errors="replace").strip()
     return f": {text[-OUTPUT_TAIL:]}" if text else ""
