@@ -54,6 +54,11 @@ the CLI exits with. Errors live here so the CLI can map them without knowing eve
     │   ├── NotFound                  404
     │   ├── Conflict                  409 the request contradicts the current state
     │   └── InvalidRequest            422 well-formed but unacceptable input
+    ├── ExportError                   exit 50 (exports, clones and mounts)
+    │   ├── ReadOnlyDevice            a write to a snapshot or a read-only export
+    │   ├── CloneNotFound
+    │   ├── CloneBusy                 the clone is exported or mounted
+    │   └── MountError                a step of mounting or unmounting failed
     ├── RpoBreached                   exit 3  (a volume's newest snapshot is older than its policy allows)
     └── VerifyFailed                  exit 40 (verify found problems)
 """
@@ -323,6 +328,28 @@ class InvalidRequest(ApiError):
     """Invalid request: {detail}"""
 
     status = 422
+
+
+class ExportError(DingyuanError):
+    """{detail}"""
+
+    exit_code = 50
+
+
+class ReadOnlyDevice(ExportError):
+    """{name} is read-only: {detail}"""
+
+
+class CloneNotFound(ExportError):
+    """No clone {name}: list the clones with `dingyuan clone list`."""
+
+
+class CloneBusy(ExportError):
+    """Clone {name} is in use: {detail}"""
+
+
+class MountError(ExportError):
+    """Cannot {action} {path}: {detail}"""
 
 
 class VerifyFailed(DingyuanError):

@@ -2,7 +2,7 @@
 
 Exit status: 0 on success; a DingyuanError's ``exit_code`` otherwise (2 usage, 3 an RPO is
 breached (``status``), 10 repository, 20 storage, 30 source, 31 restore target, 40 verification
-found problems); 130 on Ctrl-C.
+found problems, 50 exports, clones and mounts); 130 on Ctrl-C.
 """
 
 from __future__ import annotations

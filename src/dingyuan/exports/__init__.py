@@ -1,0 +1,1 @@
+"""Exports: snapshots and clones served as block devices (NBD, later iSCSI) and mounted."""
