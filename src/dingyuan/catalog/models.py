@@ -230,6 +230,28 @@ class Enrollment(Base):
     used: Mapped[datetime | None]
 
 
+class Export(Base):
+    """A snapshot or clone served as a block device. ``name`` is the export name clients ask for;
+    it is long and random, so it works as an access token. Exports live in the catalog so a
+    restarted vault serves them again."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        CheckConstraint("kind IN ('snapshot', 'clone')", name="kind"),
+        CheckConstraint("protocol IN ('nbd', 'iscsi')", name="protocol"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    protocol: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(64))  # a snapshot id or a clone id
+    writable: Mapped[bool] = mapped_column(Boolean)
+    allowed_clients: Mapped[list[str] | None] = mapped_column(JSON)  # networks; None: any
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
+
+
 class AuditEvent(Base):
     """One authorised (or refused) action: who did what to which object, and the outcome."""
 
