@@ -68,6 +68,7 @@ class NbdServer:
         max_in_flight: int = 16,
         byte_budget: int = 64 << 20,
         handshake_timeout: float = 30.0,
+        max_connections: int = 256,
     ) -> None:
         if host is None and unix_path is None:
             raise UsageError("an NBD server needs a TCP host or a Unix socket path")
@@ -81,6 +82,7 @@ class NbdServer:
         self._max_in_flight = max_in_flight
         self._byte_budget = byte_budget
         self._handshake_timeout = handshake_timeout
+        self._max_connections = max_connections
         self._registry = Registry()
         self._servers: list[asyncio.Server] = []
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -133,7 +135,13 @@ class NbdServer:
     def names(self) -> list[str]:
         return self._registry.names()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now, in the handshake or in transmission."""
+        return len(self._handlers)
+
     def connections(self) -> list[ConnectionInfo]:
+        """The connections in transmission, with their counters."""
         return [
             ConnectionInfo(peer, export.label, s.requests, s.bytes_read, s.bytes_written)
             for peer, export, s in self._sessions.values()
@@ -173,9 +181,13 @@ class NbdServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        self._handlers[task] = writer
         peer = _peer_address(writer)
         peer_text = "local socket" if peer is None else str(peer)
+        if len(self._handlers) >= self._max_connections:
+            log.warning("refused client %s: already %d connections", peer_text, len(self._handlers))
+            writer.transport.abort()
+            return
+        self._handlers[task] = writer
         try:
             await self._serve(task, reader, writer, peer, peer_text)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
@@ -308,6 +320,13 @@ class ThreadedNbdServer:
             return self.server.names()
 
         return self._run(names())
+
+    @property
+    def open_connections(self) -> int:
+        async def count() -> int:
+            return self.server.open_connections
+
+        return self._run(count())
 
     def connections(self) -> list[ConnectionInfo]:
         async def connections() -> list[ConnectionInfo]:

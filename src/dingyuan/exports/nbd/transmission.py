@@ -13,9 +13,11 @@ magic, or a WRITE announcing more than MAX_PAYLOAD, ends the connection (the str
 be trusted, or would cost too much to skip). Device errors are mapped: ReadOnlyDevice EPERM,
 StorageFull ENOSPC, UsageError EINVAL, anything else EIO and logged.
 
-WRITE_ZEROES with FAST_ZERO succeeds only where the device already reports the range as zero
-(nothing to do); otherwise it fails at once with ENOTSUP, as the protocol asks of a server that
-cannot zero faster than it writes, since a BlockDevice does not say whether its zeroing is cheap.
+WRITE_ZEROES calls the device's ``write_zeroes`` (which may leave a hole), or with NO_HOLE writes
+zeros as data, so the range ends up allocated whatever the device. With FAST_ZERO it succeeds
+only where the device already reports the range as zero (nothing to do); otherwise it fails at
+once with ENOTSUP, as the protocol asks of a server that cannot zero faster than it writes: a
+BlockDevice does not say whether its zeroing is cheap.
 """
 
 from __future__ import annotations
@@ -269,7 +271,10 @@ class Transmission:
             if request.flags & wire.CMD_FLAG_FAST_ZERO:
                 await self._fast_zero(request)
                 return
-            await self._call(device.write_zeroes, offset, length)
+            if request.flags & wire.CMD_FLAG_NO_HOLE:
+                await self._call(_write_zero_data, device, offset, length)
+            else:
+                await self._call(device.write_zeroes, offset, length)
         else:
             await self._block_status(request)
             return
@@ -337,6 +342,16 @@ class Transmission:
 
     async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+def _write_zero_data(device: BlockDevice, offset: int, length: int) -> None:
+    """Zeros written as data: NBD_CMD_FLAG_NO_HOLE wants the range allocated, and a device's
+    ``write_zeroes`` is free to leave a hole."""
+    end = offset + length
+    while offset < end:
+        piece = min(READ_PIECE, end - offset)
+        device.write(offset, _ZERO_PIECE if piece == READ_PIECE else bytes(piece))
+        offset += piece
 
 
 def _errno_of(error: DingyuanError) -> tuple[int, str]:
