@@ -226,6 +226,31 @@ def test_write_commands_reach_the_file(server: ThreadedNbdServer, rw_image: tupl
     h.shutdown()
 
 
+def test_no_hole_zeroes_are_written_as_data(rw_image: tuple[Path, bytes]) -> None:
+    """A device's write_zeroes may leave a hole; NO_HOLE asks for allocated zeros."""
+    calls: list[str] = []
+
+    class Recording(FileDevice):
+        def write(self, offset: int, data: bytes) -> None:
+            calls.append("write")
+            super().write(offset, data)
+
+        def write_zeroes(self, offset: int, length: int) -> None:
+            calls.append("write_zeroes")
+            super().write_zeroes(offset, length)
+
+    with ThreadedNbdServer(host="127.0.0.1", port=0) as s:
+        s.add("rec", lambda: Recording(rw_image[0]))
+        h = connect(s, "rec")
+        h.zero(2 * MiB + 5, 5 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        assert calls == ["write", "write", "write"]
+        calls.clear()
+        h.zero(2 * MiB, 5 * MiB)
+        assert calls[0] == "write_zeroes"
+        assert h.pread(2 * MiB + 5, 5 * MiB) == bytes(2 * MiB + 5)
+        h.shutdown()
+
+
 def _block_status(h: nbd.NBD, length: int, offset: int, flags: int = 0) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []
 
