@@ -1,0 +1,462 @@
+"""A snapshot as a read-only block device: random access for exports (NBD, iSCSI) and clones.
+
+An export lives for days and serves a volume of any size, so everything here is bounded and
+lazy:
+
+- **Opening costs nothing.** No tree walk and no index load: a read descends from the root to the
+  leaf it needs through :class:`TreeIndex`, a thread-safe cache of decoded tree nodes bounded by
+  count, and looks its chunks up in the local index cache (SQLite, on disk).
+- **Reads batch.** The chunks a read (or a read-ahead) needs are looked up at once, grouped by
+  pack, coalesced into ranged reads of neighbouring blobs (:func:`restore.plan_runs`), and decoded
+  -- decrypted, decompressed and checked against their id by ``Repository.decode_blob``, which
+  drops the GIL -- in a small thread pool. Every byte served has passed that check; a chunk that
+  fails it fails the read with ``CorruptObject``, never returns other bytes.
+- **Chunks are cached by id**, in an LRU bounded by bytes: a chunk that occurs at many offsets
+  (dedup) is fetched once. A chunk being fetched has one future that every reader waits on, so
+  concurrent readers (NBD multi-conn) never fetch it twice.
+- **Sequential streams read ahead.** Each stream of reads that follow one another gets a window
+  that doubles with every read up to ``max_readahead``; the next window is fetched in the
+  background. Several streams are tracked at once (nbdcopy gives each connection its own region).
+- **Holes are free.** A ``ZERO_ID`` chunk or subtree is never fetched; ``extents`` answers a
+  hole by the highest tree level that is zero, so a 1 TiB hole costs a few node lookups.
+- **No lock is held while open.** gc may rewrite packs under a long-lived image: when a blob's
+  location turns out stale (its pack is gone), the index cache is synchronised once and the
+  lookup retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ..errors import (
+    CorruptObject,
+    ExportError,
+    MissingObject,
+    ObjectNotFound,
+    ReadOnlyDevice,
+    RepositoryError,
+    UsageError,
+)
+from .cache import Location
+from .format import ZERO_ID, pack_name
+from .manifest import Snapshot
+from .repo import Repository
+from .restore import Run, plan_runs
+
+DEFAULT_CACHE_BYTES = 128 << 20  # decoded chunks kept per image
+DEFAULT_WORKERS = 4  # decoding threads per image (the C calls drop the GIL)
+MAX_READAHEAD = 16 << 20  # largest read-ahead window of one stream
+MAX_STREAMS = 8  # sequential streams tracked at once
+NODE_CACHE = 1024  # decoded tree nodes (8 KiB each at the defaults): the leaves of 16 GiB
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(Generic[K, V]):
+    """A least-recently-used map bounded by the sum of ``cost(value)``; not thread-safe."""
+
+    def __init__(self, capacity: int, cost: Callable[[V], int]) -> None:
+        self.capacity = capacity
+        self.cost = cost
+        self.used = 0
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._items
+
+    def put(self, key: K, value: V) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.used -= self.cost(old)
+        self._items[key] = value
+        self.used += self.cost(value)
+        while self.used > self.capacity and len(self._items) > 1:
+            _, evicted = self._items.popitem(last=False)
+            self.used -= self.cost(evicted)
+
+
+class TreeIndex:
+    """Positional access to a snapshot's tree (format.md section 11), thread-safe.
+
+    ``node(level, k)`` is node ``k`` of level ``level`` (None where the tree has a hole); it is
+    loaded through its parent, so a lookup costs at most ``height`` node loads and usually none:
+    decoded nodes stay in an LRU of ``max_nodes`` entries.
+    """
+
+    def __init__(self, snap: Snapshot, load: Callable[[bytes, int], list[bytes]], max_nodes: int) -> None:
+        self.root = snap.root
+        self.height = snap.height
+        self.fanout = snap.fanout
+        self.nchunks = snap.nchunks
+        self._load = load
+        self._nodes: _Lru[tuple[int, int], list[bytes] | None] = _Lru(max_nodes, lambda _: 1)
+        self._lock = threading.Lock()
+
+    def node(self, level: int, k: int) -> list[bytes] | None:
+        """Child ids of node ``k`` of level ``level``, or None if it is a hole (not stored)."""
+        key = (level, k)
+        with self._lock:
+            if key in self._nodes:
+                return self._nodes.get(key)
+        nid = self.entry(level + 1, k)
+        ids = None if nid == ZERO_ID else self._load(nid, level)
+        span = self.fanout**level
+        first = k * self.fanout * span
+        if ids is not None and (
+            len(ids) > self.fanout or not ids or first + (len(ids) - 1) * span >= self.nchunks
+        ):
+            raise CorruptObject(name=f"tree node {nid.hex()[:16]}", detail="shape does not fit the volume")
+        with self._lock:
+            self._nodes.put(key, ids)
+        return ids
+
+    def entry(self, level: int, k: int) -> bytes:
+        """The id covering chunks ``[k * F**level, (k+1) * F**level)``: a chunk id at level 0, the
+        id of node ``k`` of level ``level - 1`` above, the root at ``level == height``."""
+        if level >= self.height:
+            return self.root if k == 0 else ZERO_ID
+        parent = self.node(level, k // self.fanout)
+        j = k % self.fanout
+        return ZERO_ID if parent is None or j >= len(parent) else parent[j]
+
+    def ids_range(self, start: int, count: int) -> list[bytes]:
+        """Chunk ids of chunks ``[start, start + count)`` (``ZERO_ID`` in holes and past the end)."""
+        out: list[bytes] = []
+        f = self.fanout
+        i, end = start, start + count
+        while i < end:
+            stop = min(end, (i // f + 1) * f)
+            leaf = self.node(0, i // f) if i < self.nchunks else None
+            if leaf is None:
+                out.extend([ZERO_ID] * (stop - i))
+            else:
+                part = leaf[i % f : i % f + (stop - i)]
+                out.extend(part)
+                out.extend([ZERO_ID] * (stop - i - len(part)))
+            i = stop
+        return out
+
+    def hole_end(self, i: int) -> int:
+        """If chunk ``i`` lies in a hole of a whole leaf or more, the first chunk after the
+        largest such hole (at most ``nchunks``); else ``i``."""
+        span: int = self.fanout**self.height
+        for level in range(self.height, 0, -1):
+            k = i // span
+            if self.entry(level, k) == ZERO_ID:
+                return min((k + 1) * span, self.nchunks)
+            span //= self.fanout
+        return i
+
+
+@dataclass
+class _Stream:
+    """A run of sequential reads: the chunk after the furthest read, its window, how far ahead
+    has been fetched, and when it was last used."""
+
+    next: int
+    window: int
+    ahead: int
+    used: int
+
+
+class SnapshotImage:
+    """A snapshot as a read-only :class:`~dingyuan.exports.blockdev.BlockDevice` (structurally).
+
+    Thread-safe. ``cache_bytes`` bounds the decoded chunks kept, ``workers`` the decoding threads,
+    ``max_readahead`` the read-ahead window of one sequential stream; memory stays within about
+    ``cache_bytes + MAX_STREAMS * max_readahead`` plus ``NODE_CACHE`` tree nodes, whatever the
+    volume's size. Holds no repository lock; call :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        snap: Snapshot,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        workers: int = DEFAULT_WORKERS,
+        max_readahead: int = MAX_READAHEAD,
+        name: str | None = None,
+    ) -> None:
+        self.repo = repo
+        self.snap = snap
+        self.name = name or f"snapshot {snap.id[:12]}"
+        self.tree = TreeIndex(snap, self._load_node, NODE_CACHE)
+        self._cs = snap.chunk_size
+        self._zero = bytes(self._cs)
+        self._max_window = max(1, max_readahead // self._cs)
+        self._lock = threading.Lock()  # guards the chunk cache, in-flight futures and streams
+        self._chunks: _Lru[bytes, bytes] = _Lru(cache_bytes, len)
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._streams: list[_Stream] = []
+        self._tick = 0
+        self._sync_lock = threading.Lock()
+        self._index_generation = 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="image")
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="image-ahead")
+        self._closed = False
+
+    # the BlockDevice interface ---------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.snap.size
+
+    @property
+    def read_only(self) -> bool:
+        return True
+
+    @property
+    def block_size(self) -> int:
+        return self._cs
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        cs = self._cs
+        first, last = offset // cs, (offset + length - 1) // cs + 1
+        ids = self.tree.ids_range(first, last - first)
+        self._read_ahead(first, last)
+        got = self._request(b for b in ids if b != ZERO_ID)
+        parts: list[bytes | memoryview] = []
+        for n, bid in enumerate(ids):
+            i = first + n
+            want = min(cs, self.size - i * cs)
+            if bid == ZERO_ID:
+                data: bytes = self._zero
+            else:
+                value = got[bid]
+                data = value if isinstance(value, bytes) else value.result()
+                if len(data) != want:
+                    raise CorruptObject(
+                        name=f"{self.name} chunk {bid.hex()[:16]}",
+                        detail=f"{len(data)} bytes at chunk {i}, expected {want}",
+                    )
+            lo = offset - i * cs if n == 0 else 0
+            hi = min(want, offset + length - i * cs)
+            parts.append(memoryview(data)[lo:hi] if lo or hi != len(data) else data)
+        return b"".join(parts)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._refuse()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._refuse()
+
+    def trim(self, offset: int, length: int) -> None:
+        self._refuse()
+
+    def flush(self) -> None:
+        """Nothing to make durable: a snapshot never changes."""
+
+    def cache(self, offset: int, length: int) -> None:
+        """Fetch the range in the background (at most half the chunk cache of it)."""
+        self._check(offset, length)
+        first = offset // self._cs
+        count = min((offset + length - 1) // self._cs + 1 - first, self._chunks.capacity // 2 // self._cs)
+        if count > 0:
+            self._prefetch(first, first + count)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        self._check(offset, length)
+        cs, f, end = self._cs, self.tree.fanout, offset + length
+        out: list[tuple[int, bool]] = []
+
+        def add(n: int, zero: bool) -> None:
+            if out and out[-1][1] == zero:
+                out[-1] = (out[-1][0] + n, zero)
+            else:
+                out.append((n, zero))
+
+        pos = offset
+        while pos < end:
+            i = pos // cs
+            hole_end = self.tree.hole_end(i)
+            if hole_end > i:
+                stop = min(hole_end * cs, end)
+                add(stop - pos, True)
+                pos = stop
+                continue
+            leaf = self.tree.node(0, i // f) or []
+            leaf_end = min((i // f + 1) * f, self.tree.nchunks)
+            while i < leaf_end and pos < end:
+                stop = min((i + 1) * cs, end)
+                j = i % f
+                add(stop - pos, j >= len(leaf) or leaf[j] == ZERO_ID)
+                pos, i = stop, i + 1
+        return out
+
+    def close(self) -> None:
+        """Stop the background work; reads still waiting fail with ExportError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._planner.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            stranded, self._inflight = self._inflight, {}
+        for fut in stranded.values():
+            if not fut.done():
+                fut.set_exception(ExportError(f"{self.name} was closed"))
+
+    def __enter__(self) -> SnapshotImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # checks ----------------------------------------------------------------------------------
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise ExportError(f"{self.name} is closed")
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise UsageError(f"range {offset}+{length} is outside {self.name} ({self.size} bytes)")
+
+    def _refuse(self) -> None:
+        raise ReadOnlyDevice(name=self.name, detail="a snapshot never changes; write to a clone of it")
+
+    # tree nodes and the index ----------------------------------------------------------------
+    def _resync(self, seen: int) -> None:
+        """Synchronise the index cache once for every reader that saw generation ``seen`` fail."""
+        with self._sync_lock:
+            if self._index_generation == seen:
+                self.repo.sync_index()
+                self._index_generation += 1
+
+    def _load_node(self, bid: bytes, level: int) -> list[bytes]:
+        seen = self._index_generation
+        try:
+            return self.repo.load_tree_node(bid, level)
+        except MissingObject:  # gc may have moved it: look again in a fresh index
+            self._resync(seen)
+            return self.repo.load_tree_node(bid, level)
+
+    def _locate(self, ids: list[bytes], seen: int) -> dict[bytes, Location]:
+        locs = self.repo.cache.lookup_many(ids)
+        if len(locs) < len(ids):
+            self._resync(seen)
+            locs.update(self.repo.cache.lookup_many([b for b in ids if b not in locs]))
+        return locs
+
+    # fetching chunks -------------------------------------------------------------------------
+    def _request(self, ids: Iterable[bytes]) -> dict[bytes, bytes | Future[bytes]]:
+        """Each chunk's bytes if cached, else the future of its fetch (started here if none is
+        in flight)."""
+        out: dict[bytes, bytes | Future[bytes]] = {}
+        new: list[bytes] = []
+        with self._lock:
+            for bid in ids:
+                if bid in out:
+                    continue
+                data = self._chunks.get(bid)
+                if data is not None:
+                    out[bid] = data
+                    continue
+                fut = self._inflight.get(bid)
+                if fut is None:
+                    fut = self._inflight[bid] = Future()
+                    new.append(bid)
+                out[bid] = fut
+        if new:
+            self._fetch(new, self._index_generation)
+        return out
+
+    def _fetch(self, ids: list[bytes], seen: int) -> None:
+        """Start fetching ``ids`` (futures in flight): one lookup, runs of neighbouring blobs."""
+        try:
+            locs = self._locate(ids, seen)
+            for bid in ids:
+                if bid not in locs:
+                    self._fail(bid, MissingObject(name=f"chunk {bid.hex()}", detail="not in any index"))
+            for run in plan_runs(locs, {b: [] for b in locs}):
+                self._pool.submit(self._fetch_run, run, seen)
+        except BaseException as e:  # a closed pool, a failed lookup: every waiter gets it
+            err = e if isinstance(e, RepositoryError) else ExportError(f"{self.name}: {e}")
+            for bid in ids:
+                self._fail(bid, err)
+
+    def _fetch_run(self, run: Run, seen: int) -> None:
+        """Worker: read one ranged run of a pack and decode its blobs into the cache."""
+        pack, start, length, blobs = run
+        name = pack_name(pack)
+        try:
+            stored = self.repo.backend.get_range(name, start, length)
+        except ObjectNotFound:
+            if seen == -1:
+                for entry, _ in blobs:
+                    self._fail(entry.id, MissingObject(name=name, detail="pack listed by the index"))
+            else:  # gc repacked since we looked: once more from a fresh index
+                self._resync(seen)
+                ids = [entry.id for entry, _ in blobs]
+                locs = self.repo.cache.lookup_many(ids)
+                for bid in ids:
+                    if bid not in locs:
+                        self._fail(bid, MissingObject(name=f"chunk {bid.hex()}", detail="not in any index"))
+                for again in plan_runs(locs, {b: [] for b in locs}):
+                    self._fetch_run(again, -1)
+            return
+        except BaseException as e:
+            for entry, _ in blobs:
+                self._fail(entry.id, e)
+            return
+        mv = memoryview(stored)
+        for entry, _ in blobs:
+            try:
+                plain = self.repo.decode_blob(
+                    entry, mv[entry.offset - start : entry.offset - start + entry.length], name
+                )
+            except BaseException as e:
+                self._fail(entry.id, e)
+                continue
+            with self._lock:
+                self._chunks.put(entry.id, plain)
+                fut = self._inflight.pop(entry.id, None)
+            if fut is not None:
+                fut.set_result(plain)
+
+    def _fail(self, bid: bytes, err: BaseException) -> None:
+        with self._lock:
+            fut = self._inflight.pop(bid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
+
+    # read-ahead ------------------------------------------------------------------------------
+    def _read_ahead(self, first: int, last: int) -> None:
+        """Follow the stream this read belongs to and fetch its next window in the background."""
+        n = self.tree.nchunks
+        with self._lock:
+            self._tick += 1
+            slack = max(self._max_window, 2 * (last - first))
+            stream = next((s for s in self._streams if s.next - slack <= first <= s.next + slack), None)
+            if stream is None:
+                if len(self._streams) >= MAX_STREAMS:
+                    self._streams.remove(min(self._streams, key=lambda s: s.used))
+                self._streams.append(_Stream(last, 0, last, self._tick))
+                return
+            stream.used = self._tick
+            stream.next = max(stream.next, last)
+            stream.window = min(self._max_window, max(2 * stream.window, 2 * (last - first)))
+            target = min(stream.next + stream.window, n)
+            if stream.ahead - stream.next >= stream.window // 2 or stream.ahead >= target:
+                return
+            lo, stream.ahead = max(stream.ahead, stream.next), target
+        self._prefetch(lo, target)
+
+    def _prefetch(self, first: int, last: int) -> None:
+        def plan() -> None:
+            self._request(b for b in self.tree.ids_range(first, last - first) if b != ZERO_ID)
+
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: a hint, nothing lost
+            self._planner.submit(plan)
