@@ -16,9 +16,14 @@ each undone in reverse::
 4. ``mount`` (``ntfs-3g`` for NTFS), always ``nosuid,nodev``: a snapshot's setuid programs and
    device nodes must not become a way into the machine that browses it.
 
-A read-only mount writes not a byte to the export: ``nbdfuse --readonly``, a read-only loop
-device, and the filesystem mounted ``ro`` with journal replay off (``noload``, ``norecovery``,
-``rescue=nologreplay``), since replaying a journal is a write.
+A read-only mount writes not a byte to the export, and still shows the filesystem as it would be
+after a restart: a snapshot of a running machine is crash-consistent, so its journal (ext3/4, XFS,
+the btrfs log tree) can hold committed, fsync'ed changes not yet written in place, and mounting
+with journal replay off (``noload``, ``norecovery``) would show a filesystem without them (files
+that were fsync'ed before the snapshot are missing, or worse). So nbdfuse reads the export through
+``nbdkit --filter=cow``, a copy-on-write overlay that never passes a write on (it opens the export
+read-only) and is thrown away when nbdkit exits; the kernel replays the journal into the overlay and
+the filesystem is mounted ``ro``.
 
 Crash safety. Each mount has a state file ``STATE_DIR/<key>.json`` (the key is derived from the
 target directory) and a work directory ``STATE_DIR/<key>/`` (the FUSE mountpoint, nbdfuse's pid and
@@ -57,16 +62,8 @@ STATE_VERSION = 1
 #: URI schemes libnbd connects to
 NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
-#: filesystems we mount, with the options that keep a read-only mount from writing (journal replay)
-RO_OPTIONS = {
-    "ext2": "",
-    "ext3": "noload",
-    "ext4": "noload",
-    "xfs": "norecovery",
-    "btrfs": "rescue=nologreplay",
-    "vfat": "",
-    "ntfs": "",
-}
+#: the filesystems (as blkid names them) dingyuan mounts
+FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs")
 
 #: the ``mount -t`` type of a filesystem blkid names differently (NTFS goes through ntfs-3g, FUSE)
 MOUNT_TYPE = {"ntfs": "ntfs-3g"}
@@ -305,10 +302,19 @@ def _start_nbdfuse(info: MountInfo, work: Path, state_dir: Path, timeout: float)
     the mounting process exits."""
     pid_file, log = work / "nbdfuse.pid", work / "nbdfuse.log"
     pid_file.unlink(missing_ok=True)
-    argv = ["nbdfuse", "--pidfile", str(pid_file)]
-    if not info.writable:
-        argv.append("--readonly")
-    argv += [str(info.image_file), info.uri]
+    argv = ["nbdfuse", "--pidfile", str(pid_file), str(info.image_file)]
+    if info.writable:
+        argv.append(info.uri)
+    else:  # through a copy-on-write overlay (see the module's docstring)
+        argv += [
+            "--command",
+            "nbdkit",
+            "--single",
+            "--exit-with-parent",
+            "--filter=cow",
+            "nbd",
+            f"uri={info.uri}",
+        ]
     try:
         pid = os.posix_spawnp(
             "nbdfuse",
@@ -353,7 +359,7 @@ def _choose_filesystem(info: MountInfo) -> None:
     image = info.image_file
     disk_size = os.stat(image).st_size
     whole = probe_filesystem(image)
-    if whole in RO_OPTIONS:
+    if whole in FILESYSTEMS:
         if info.partition is not None:
             raise MountError(
                 action="mount",
@@ -375,7 +381,7 @@ def _choose_filesystem(info: MountInfo) -> None:
         for p in table
     )
     if info.partition is None:
-        usable = [p for p in table if p.fstype in RO_OPTIONS]
+        usable = [p for p in table if p.fstype in FILESYSTEMS]
         if len(usable) != 1:
             why = "no partition holds" if not usable else "several partitions hold"
             raise MountError(
@@ -392,12 +398,12 @@ def _choose_filesystem(info: MountInfo) -> None:
                 action="mount", path=info.uri, detail=f"no partition {info.partition}; partitions: {listing}"
             )
         chosen = matches[0]
-        if chosen.fstype not in RO_OPTIONS:
+        if chosen.fstype not in FILESYSTEMS:
             raise MountError(
                 action="mount",
                 path=info.uri,
                 detail=f"partition {chosen.number} holds {chosen.fstype or 'no filesystem'}, which dingyuan "
-                f"does not mount ({', '.join(RO_OPTIONS)}); partitions: {listing}",
+                f"does not mount ({', '.join(FILESYSTEMS)}); partitions: {listing}",
             )
     info.partition, info.offset, info.size, info.fstype = (
         chosen.number,
@@ -409,19 +415,13 @@ def _choose_filesystem(info: MountInfo) -> None:
 
 def _attach_loop(info: MountInfo) -> str:
     argv = ["losetup", "--find", "--show", "--offset", str(info.offset), "--sizelimit", str(info.size)]
-    if not info.writable:
-        argv.append("--read-only")
     done = _run([*argv, str(info.image_file)], action="attach a loop device to", path=info.uri)
     return done.stdout.strip()
 
 
 def _mount_filesystem(info: MountInfo) -> None:
     assert info.fstype is not None and info.loop_device is not None
-    options = ["nosuid", "nodev"]
-    if info.writable:
-        options.append("rw")
-    else:
-        options += ["ro", *filter(None, [RO_OPTIONS[info.fstype]])]
+    options = ["nosuid", "nodev", "rw" if info.writable else "ro"]
     fstype = MOUNT_TYPE.get(info.fstype, info.fstype)
     _run(
         ["mount", "-t", fstype, "-o", ",".join(options), info.loop_device, str(info.target)],
@@ -463,11 +463,12 @@ def _teardown(info: MountInfo, state_dir: Path) -> None:
 def _busy_detail(target: Path, done: subprocess.CompletedProcess[str]) -> str:
     if "busy" not in done.stderr:
         return _tail(done)
-    users = _run(["fuser", "-vm", str(target)], action="list the users of", path=target, check=False)
-    lines = [line.split() for line in users.stderr.splitlines()[1:]]
-    procs = sorted(
-        {f"{fields[-1]} (pid {fields[-3]})" for fields in lines if len(fields) >= 3 and fields[-3].isdigit()}
-    )
+    # fuser prints the pids on standard output (its table and complaints go to standard error)
+    users = _run(["fuser", "-m", str(target)], action="list the users of", path=target, check=False)
+    procs = []
+    for pid in filter(str.isdigit, users.stdout.split()):
+        with contextlib.suppress(OSError):
+            procs.append(f"{Path(f'/proc/{pid}/comm').read_text().strip()} (pid {pid})")
     who = ", ".join(procs) if procs else "some process"
     return f"busy: {who} uses files under it; close them and unmount again"
 
