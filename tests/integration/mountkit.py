@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from fskit import sh
 
+from dingyuan.exports.mount import mounts, unmount
+
 TOOLS = ("qemu-nbd", "nbdfuse", "fusermount3", "losetup", "sfdisk", "blkid", "mkfs.ext4", "fuser")
 
 needs_mount_tools = pytest.mark.skipif(
@@ -232,3 +234,12 @@ def leftovers(base: Path) -> list[str]:
                 if stat != "Z":
                     found.append(f"process {pid}: {cmdline}")
     return found
+
+
+def unmounting(state: Path) -> Iterator[Path]:
+    """For a test's ``state_dir`` fixture: yields ``state``, then unmounts whatever a failing test
+    left mounted there."""
+    yield state
+    if state.exists():
+        for info in mounts(state):
+            unmount(info.target, state_dir=state)

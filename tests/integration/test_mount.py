@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,18 @@ from mountkit import (
     needs_mount_tools,
     partition_range,
     read_tree,
+    unmounting,
 )
 
 from dingyuan.errors import MountError
 from dingyuan.exports.mount import mount, mounts, partitions, unmount
 
 pytestmark = needs_mount_tools
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    yield from unmounting(tmp_path / "state")
 
 
 def mount_options(target: Path) -> list[str]:
@@ -85,7 +92,7 @@ def test_crash_consistent_snapshot_shows_its_journalled_files(tmp_path: Path, fs
     assert sha256_file(disk.image) == before
 
 
-def test_mbr_disk_mounts_its_only_filesystem(tmp_path: Path) -> None:
+def test_mbr_disk_mounts_its_only_filesystem(tmp_path: Path, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", "dos", ["swap", "ext4"], seed=2)
     before = sha256_file(disk.image)
     found = partitions(disk.image)
@@ -94,21 +101,21 @@ def test_mbr_disk_mounts_its_only_filesystem(tmp_path: Path) -> None:
     with nbd_server(disk.image, read_only=True) as uri:
         check_read_only(uri, tmp_path, disk, None, tree_of=2)  # swap is not a filesystem: partition 2
         with pytest.raises(MountError, match=r"partition 1 holds swap.*1: 64\.0 MiB swap; 2: 64\.0 MiB ext4"):
-            mount(uri, tmp_path / "mnt", partition=1, state_dir=tmp_path / "state")
+            mount(uri, tmp_path / "mnt", partition=1, state_dir=state_dir)
         with pytest.raises(MountError, match=r"no partition 3"):
-            mount(uri, tmp_path / "mnt", partition=3, state_dir=tmp_path / "state")
+            mount(uri, tmp_path / "mnt", partition=3, state_dir=state_dir)
     assert leftovers(tmp_path) == []
     assert sha256_file(disk.image) == before
 
 
-def test_gpt_disk_with_two_filesystems_needs_a_partition_number(tmp_path: Path) -> None:
+def test_gpt_disk_with_two_filesystems_needs_a_partition_number(tmp_path: Path, state_dir: Path) -> None:
     need_tool("mkfs.xfs")
     disk = make_disk(tmp_path / "disk.img", "gpt", ["ext4", "xfs"], seed=3)
     (tmp_path / "mnt").mkdir()
     before = sha256_file(disk.image)
     with nbd_server(disk.image) as uri:
         with pytest.raises(MountError) as e:
-            mount(uri, tmp_path / "mnt", state_dir=tmp_path / "state")
+            mount(uri, tmp_path / "mnt", state_dir=state_dir)
         assert "several partitions" in str(e.value)
         assert "1: 64.0 MiB ext4; 2: 300.0 MiB xfs" in str(e.value)
         assert "--partition N" in str(e.value)
@@ -118,20 +125,20 @@ def test_gpt_disk_with_two_filesystems_needs_a_partition_number(tmp_path: Path) 
     assert sha256_file(disk.image) == before
 
 
-def test_ntfs_partition_read_only_and_writable(tmp_path: Path) -> None:
+def test_ntfs_partition_read_only_and_writable(tmp_path: Path, state_dir: Path) -> None:
     for tool in ("mkntfs", "ntfs-3g", "ntfsfix"):
         need_tool(tool)
     disk = make_disk(tmp_path / "disk.img", "gpt", ["ntfs"], seed=4)
     before = sha256_file(disk.image)
-    state, target = tmp_path / "state", tmp_path / "mnt"
+    target = tmp_path / "mnt"
     with nbd_server(disk.image) as uri:
         check_read_only(uri, tmp_path, disk, None, tree_of=1)
         assert sha256_file(disk.image) == before
         target.mkdir(exist_ok=True)
-        info = mount(uri, target, writable=True, state_dir=state)
+        info = mount(uri, target, writable=True, state_dir=state_dir)
         assert info.fstype == "ntfs" and info.partition == 1
         (target / "tree/written.txt").write_bytes(b"written through the export\n")
-        unmount(target, state_dir=state)
+        unmount(target, state_dir=state_dir)
     assert leftovers(tmp_path) == []
     offset, size = partition_range(disk.image, 1)
     with loop_device(disk.image, offset, size, read_only=True) as dev:
@@ -142,53 +149,53 @@ def test_ntfs_partition_read_only_and_writable(tmp_path: Path) -> None:
             assert (mnt / "data.bin").read_bytes() == disk.trees[1]["data.bin"][1]
 
 
-def test_writable_ext4_mount_persists_and_stays_clean(tmp_path: Path) -> None:
+def test_writable_ext4_mount_persists_and_stays_clean(tmp_path: Path, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", None, ["ext4"], seed=5)
-    state, target = tmp_path / "state", tmp_path / "mnt"
+    target = tmp_path / "mnt"
     target.mkdir()
     payload = os.urandom(300_000)
     with nbd_server(disk.image) as uri:
-        info = mount(uri, target, writable=True, state_dir=state)
+        info = mount(uri, target, writable=True, state_dir=state_dir)
         assert info.writable and "rw" in mount_options(target)
         (target / "tree/new.bin").write_bytes(payload)
-        unmount(target, state_dir=state)
+        unmount(target, state_dir=state_dir)
     assert leftovers(tmp_path) == []
     ok, report = e2fsck_clean(disk.image)
     assert ok, report
     assert debugfs_cat(disk.image, "/tree/new.bin") == payload
 
 
-def test_writable_mount_of_a_read_only_export_is_refused(tmp_path: Path) -> None:
+def test_writable_mount_of_a_read_only_export_is_refused(tmp_path: Path, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", None, ["ext4"], seed=6)
     (tmp_path / "mnt").mkdir()
     refused = pytest.raises(MountError, match="the export is read-only: mount it without --rw")
     with nbd_server(disk.image, read_only=True) as uri, refused:
-        mount(uri, tmp_path / "mnt", writable=True, state_dir=tmp_path / "state")
+        mount(uri, tmp_path / "mnt", writable=True, state_dir=state_dir)
     assert leftovers(tmp_path) == []
-    assert list((tmp_path / "state").iterdir()) == []
+    assert list(state_dir.iterdir()) == []
 
 
-def test_unreachable_server_reports_nbdfuse_error(tmp_path: Path) -> None:
+def test_unreachable_server_reports_nbdfuse_error(tmp_path: Path, state_dir: Path) -> None:
     (tmp_path / "mnt").mkdir()
     with pytest.raises(MountError, match=r"nbdfuse exited .*(refused|connect)"):
-        mount(f"nbd://127.0.0.1:{free_port()}/disk", tmp_path / "mnt", state_dir=tmp_path / "state")
+        mount(f"nbd://127.0.0.1:{free_port()}/disk", tmp_path / "mnt", state_dir=state_dir)
     assert leftovers(tmp_path) == []
-    assert list((tmp_path / "state").iterdir()) == []
+    assert list(state_dir.iterdir()) == []
 
 
-def test_busy_mount_names_the_process_and_can_be_unmounted_later(tmp_path: Path) -> None:
+def test_busy_mount_names_the_process_and_can_be_unmounted_later(tmp_path: Path, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", None, ["ext4"], seed=7)
-    state, target = tmp_path / "state", tmp_path / "mnt"
+    target = tmp_path / "mnt"
     target.mkdir()
     with nbd_server(disk.image, read_only=True) as uri:
-        mount(uri, target, state_dir=state)
+        mount(uri, target, state_dir=state_dir)
         with open(target / "data.bin", "rb"):
             with pytest.raises(MountError, match=rf"busy: .*\(pid {os.getpid()}\)"):
-                unmount(target, state_dir=state)
+                unmount(target, state_dir=state_dir)
             assert read_tree(target) == disk.trees[0]  # still mounted, still recorded
-            assert [m.target for m in mounts(state)] == [target]
-        assert unmount(target, state_dir=state) is not None
-        assert unmount(target, state_dir=state) is None  # a second call has nothing to do
+            assert [m.target for m in mounts(state_dir)] == [target]
+        assert unmount(target, state_dir=state_dir) is not None
+        assert unmount(target, state_dir=state_dir) is None  # a second call has nothing to do
     assert leftovers(tmp_path) == []
 
 
@@ -210,9 +217,9 @@ os._exit(0)  # a CLI that mounted and exited: nbdfuse keeps running
 
 
 @pytest.mark.parametrize("crash_after", ["loop", "mount"])
-def test_unmount_after_the_mounting_process_died(tmp_path: Path, crash_after: str) -> None:
+def test_unmount_after_the_mounting_process_died(tmp_path: Path, crash_after: str, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", None, ["ext4"], seed=8)
-    state, target = tmp_path / "state", tmp_path / "mnt"
+    target = tmp_path / "mnt"
     target.mkdir()
     with nbd_server(disk.image) as uri:
         done = subprocess.run(
@@ -222,7 +229,7 @@ def test_unmount_after_the_mounting_process_died(tmp_path: Path, crash_after: st
                 textwrap.dedent(CRASHING_MOUNT),
                 uri,
                 str(target),
-                str(state),
+                str(state_dir),
                 crash_after,
             ],
             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
@@ -231,36 +238,36 @@ def test_unmount_after_the_mounting_process_died(tmp_path: Path, crash_after: st
             check=False,
         )
         assert done.returncode == (9 if crash_after == "loop" else 0), done.stderr
-        (recorded,) = mounts(state)
+        (recorded,) = mounts(state_dir)
         assert recorded.complete == (crash_after == "mount")
         assert recorded.loop_device is None if crash_after == "loop" else recorded.loop_device
         assert leftovers(tmp_path) != []
         with pytest.raises(MountError, match="unmount it first"):
-            mount(uri, target, state_dir=state)
-        assert unmount(target, state_dir=state) is not None
+            mount(uri, target, state_dir=state_dir)
+        assert unmount(target, state_dir=state_dir) is not None
         assert leftovers(tmp_path) == []
-        assert list(state.iterdir()) == []
+        assert list(state_dir.iterdir()) == []
         assert not os.path.ismount(target)
 
 
-def test_unknown_state_version_is_refused(tmp_path: Path) -> None:
-    state, target = tmp_path / "state", tmp_path / "mnt"
+def test_unknown_state_version_is_refused(tmp_path: Path, state_dir: Path) -> None:
+    target = tmp_path / "mnt"
     disk = make_disk(tmp_path / "disk.img", None, ["ext4"], seed=9)
     target.mkdir()
     with nbd_server(disk.image, read_only=True) as uri:
-        mount(uri, target, state_dir=state)
-        (state_file,) = state.glob("*.json")
+        mount(uri, target, state_dir=state_dir)
+        (state_file,) = state_dir.glob("*.json")
         doc = json.loads(state_file.read_text())
         state_file.write_text(json.dumps(dict(doc, version=99)))
         with pytest.raises(MountError, match="state version 99"):
-            unmount(target, state_dir=state)
+            unmount(target, state_dir=state_dir)
         state_file.write_text(json.dumps(doc))
-        unmount(target, state_dir=state)
+        unmount(target, state_dir=state_dir)
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.skipif(not have("mkfs.xfs"), reason="needs xfsprogs")
-def test_partition_listing_of_a_disk_without_table(tmp_path: Path) -> None:
+def test_partition_listing_of_a_disk_without_table(tmp_path: Path, state_dir: Path) -> None:
     disk = make_disk(tmp_path / "disk.img", None, ["xfs"])
     assert partitions(disk.image) == []
     with open(tmp_path / "zero.img", "wb") as f:
@@ -268,5 +275,5 @@ def test_partition_listing_of_a_disk_without_table(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     refused = pytest.raises(MountError, match="neither a partition table nor a filesystem")
     with nbd_server(tmp_path / "zero.img", read_only=True) as uri, refused:
-        mount(uri, tmp_path / "mnt", state_dir=tmp_path / "state")
+        mount(uri, tmp_path / "mnt", state_dir=state_dir)
     assert leftovers(tmp_path) == []
