@@ -4,8 +4,9 @@ The machines we run on may have no ``nbd`` kernel module, no device-mapper and n
 kernel does not scan the partition table of a loop device. So a mount is a chain of four steps,
 each undone in reverse::
 
-    NBD export ─nbdfuse─► FILE ─sfdisk─► partition ─losetup --offset --sizelimit─► /dev/loopN ─mount─► DIR
-               (a private FUSE dir)      (start, size)
+    NBD export ──nbdfuse──► FILE ──sfdisk──► partition ──losetup──► /dev/loopN ──mount──► DIR
+    (read-only: through    (in a private   (start, size)   (--offset,
+     nbdkit's cow filter)   FUSE dir)                       --sizelimit)
 
 1. ``nbdfuse`` presents the export as a file in a private FUSE mountpoint. It runs in the
    foreground until ``fusermount3 -u``, so it is spawned in a session of its own (it outlives the
@@ -159,18 +160,22 @@ def mount(
     target = Path(os.path.realpath(target))
     if not target.is_dir():
         raise MountError(action="mount on", path=target, detail="not a directory: create it first")
+    ours = MountError(
+        action="mount on",
+        path=target,
+        detail="dingyuan has a mount there already: unmount it first ('dingyuan umount DIR')",
+    )
     if _state_file(state_dir, target).exists():
-        raise MountError(
-            action="mount on",
-            path=target,
-            detail="dingyuan has a mount there already: unmount it first ('dingyuan umount DIR')",
-        )
+        raise ours
     if _mounts_at(target):
         raise MountError(action="mount on", path=target, detail="something is mounted there already")
     work = _work_dir(state_dir, target)
     info = MountInfo(uri=uri, target=target, fuse_dir=work / "fuse", writable=writable, partition=partition)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _save(state_dir, info)
+    try:
+        _save(state_dir, info, create=True)  # the claim: of two mounts on one target, one goes on
+    except FileExistsError:
+        raise ours from None
     try:
         work.mkdir(mode=0o700, exist_ok=True)
         info.fuse_dir.mkdir(mode=0o700, exist_ok=True)
@@ -328,7 +333,7 @@ def _start_nbdfuse(info: MountInfo, work: Path, state_dir: Path, timeout: float)
             ],
         )
     except OSError as e:
-        raise MountError(action="attach", path=info.uri, detail=f"cannot run nbdfuse: {e}") from None
+        raise MountError(action="connect to", path=info.uri, detail=f"cannot run nbdfuse: {e}") from None
     info.nbdfuse_pid = pid
     _save(state_dir, info)
     deadline = time.monotonic() + timeout
@@ -336,14 +341,14 @@ def _start_nbdfuse(info: MountInfo, work: Path, state_dir: Path, timeout: float)
         status = _reap(pid)
         if status is not None:
             raise MountError(
-                action="attach",
+                action="connect to",
                 path=info.uri,
                 detail=f"nbdfuse exited ({status}): {_log_tail(log)}; check that the NBD server runs "
                 "and that the URI names one of its exports",
             )
         if time.monotonic() > deadline:
             raise MountError(
-                action="attach",
+                action="connect to",
                 path=info.uri,
                 detail=f"nbdfuse did not connect within {timeout:g} s: {_log_tail(log)}",
             )
@@ -477,7 +482,7 @@ def _wait_closed(devices: Sequence[str]) -> None:
     """Wait (a little) until no process holds ``devices`` open, so detaching them is immediate."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
-        done = subprocess.run(["fuser", "-s", *devices], capture_output=True, check=False)
+        done = _run(["fuser", "-s", *devices], action="list the users of", path=devices[0], check=False)
         if done.returncode != 0:  # no process uses them
             return
         time.sleep(0.05)
@@ -625,18 +630,25 @@ def _work_dir(state_dir: Path, target: Path) -> Path:
     return state_dir / _key(target)
 
 
-def _save(state_dir: Path, info: MountInfo) -> None:
+def _save(state_dir: Path, info: MountInfo, *, create: bool = False) -> None:
     """Write ``info``'s state file atomically and durably (temporary file, fsync, rename, fsync of
-    the directory)."""
+    the directory). ``create``: raise FileExistsError if it exists (link instead of rename, so two
+    mounts on one target cannot both start)."""
     final = _state_file(state_dir, info.target)
-    tmp = final.with_suffix(".tmp")
+    tmp = state_dir / f".{final.stem}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(info.to_json(), indent=1).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, final)
+    if create:
+        try:
+            os.link(tmp, final)
+        finally:
+            tmp.unlink()
+    else:
+        os.replace(tmp, final)
     _fsync_dir(state_dir)
 
 
