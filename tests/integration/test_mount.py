@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fskit import debugfs_cat, e2fsck_clean, have, sh
+from fskit import debugfs_cat, e2fsck_clean, have, loop_mount, sh
 from helpers import sha256_file
 from mountkit import (
     Disk,
@@ -90,6 +91,21 @@ def test_crash_consistent_snapshot_shows_its_journalled_files(tmp_path: Path, fs
     with nbd_server(disk.image) as uri:
         check_read_only(uri, tmp_path, disk, None, tree_of=0)
     assert sha256_file(disk.image) == before
+
+
+def test_xfs_snapshot_mounts_next_to_its_original(tmp_path: Path, state_dir: Path) -> None:
+    """A snapshot has its filesystem's UUID, which XFS refuses to mount twice without nouuid."""
+    need_tool("mkfs.xfs")
+    disk = make_disk(tmp_path / "disk.img", None, ["xfs"], seed=12)
+    original = tmp_path / "original.img"
+    shutil.copyfile(disk.image, original)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    with loop_mount(original, tmp_path / "original"), nbd_server(disk.image) as uri:
+        mount(uri, target, state_dir=state_dir)
+        assert read_tree(target) == disk.trees[0]
+        unmount(target, state_dir=state_dir)
+    assert leftovers(tmp_path) == []
 
 
 def test_mbr_disk_mounts_its_only_filesystem(tmp_path: Path, state_dir: Path) -> None:

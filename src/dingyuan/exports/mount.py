@@ -66,6 +66,10 @@ NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock"
 #: the filesystems (as blkid names them) dingyuan mounts
 FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs")
 
+#: options a filesystem needs: a snapshot of an XFS filesystem has its UUID, which XFS refuses to
+# mount twice, and the snapshot is often mounted next to the filesystem it was taken of
+EXTRA_OPTIONS = {"xfs": ["nouuid"]}
+
 #: the ``mount -t`` type of a filesystem blkid names differently (NTFS goes through ntfs-3g, FUSE)
 MOUNT_TYPE = {"ntfs": "ntfs-3g"}
 
@@ -426,7 +430,7 @@ def _attach_loop(info: MountInfo) -> str:
 
 def _mount_filesystem(info: MountInfo) -> None:
     assert info.fstype is not None and info.loop_device is not None
-    options = ["nosuid", "nodev", "rw" if info.writable else "ro"]
+    options = ["nosuid", "nodev", "rw" if info.writable else "ro", *EXTRA_OPTIONS.get(info.fstype, [])]
     fstype = MOUNT_TYPE.get(info.fstype, info.fstype)
     _run(
         ["mount", "-t", fstype, "-o", ",".join(options), info.loop_device, str(info.target)],
