@@ -191,6 +191,22 @@ def test_writable_mount_of_a_read_only_export_is_refused(tmp_path: Path, state_d
     assert list(state_dir.iterdir()) == []
 
 
+def test_a_failed_mount_undoes_every_step(tmp_path: Path, state_dir: Path) -> None:
+    image = tmp_path / "damaged.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    sh("mkfs.ext4", "-q", "-F", "-b", "4096", image)
+    with open(image, "r+b") as f:  # the group descriptors: blkid still sees ext4, the kernel refuses it
+        f.seek(4096)
+        f.write(bytes(4096))
+    (tmp_path / "mnt").mkdir()
+    refused = pytest.raises(MountError, match=r"Cannot mount ext4 on .*Structure needs cleaning.*dmesg")
+    with nbd_server(image) as uri, refused:
+        mount(uri, tmp_path / "mnt", state_dir=state_dir)
+    assert leftovers(tmp_path) == []
+    assert list(state_dir.iterdir()) == []
+
+
 def test_unreachable_server_reports_nbdfuse_error(tmp_path: Path, state_dir: Path) -> None:
     (tmp_path / "mnt").mkdir()
     with pytest.raises(MountError, match=r"nbdfuse exited .*(refused|connect)"):

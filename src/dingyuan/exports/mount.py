@@ -424,7 +424,12 @@ def _choose_filesystem(info: MountInfo) -> None:
 
 def _attach_loop(info: MountInfo) -> str:
     argv = ["losetup", "--find", "--show", "--offset", str(info.offset), "--sizelimit", str(info.size)]
-    done = _run([*argv, str(info.image_file)], action="attach a loop device to", path=info.uri)
+    done = _run(
+        [*argv, str(info.image_file)],
+        action="attach a loop device to",
+        path=info.uri,
+        hint="check that loop devices are free (losetup --list) and that the kernel has the loop driver",
+    )
     return done.stdout.strip()
 
 
@@ -436,6 +441,8 @@ def _mount_filesystem(info: MountInfo) -> None:
         ["mount", "-t", fstype, "-o", ",".join(options), info.loop_device, str(info.target)],
         action=f"mount {info.fstype} on",
         path=info.target,
+        hint=f"the kernel's reason is in dmesg: this kernel may lack {info.fstype} (/proc/filesystems), "
+        "or the filesystem is damaged (check a writable clone of it with its fsck)",
     )
 
 
@@ -581,8 +588,10 @@ def _loops_backed_by(image: Path) -> list[str]:
 
 # helpers ----------------------------------------------------------------------------------------
 def _run(
-    argv: list[str], *, action: str, path: object, check: bool = True
+    argv: list[str], *, action: str, path: object, check: bool = True, hint: str = ""
 ) -> subprocess.CompletedProcess[str]:
+    """Run a tool; with ``check``, a failure raises MountError with its output's tail and ``hint``
+    (what to do)."""
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=TOOL_TIMEOUT, check=False
@@ -596,7 +605,9 @@ def _run(
             detail=f"{argv[0]} did not finish in {TOOL_TIMEOUT:g} s (is the NBD server up?)",
         ) from None
     if check and done.returncode != 0:
-        raise MountError(action=action, path=path, detail=f"{argv[0]}: {_tail(done)}")
+        tail = _tail(done)
+        detail = tail if tail.startswith(f"{argv[0]}:") else f"{argv[0]}: {tail}"
+        raise MountError(action=action, path=path, detail=f"{detail}{'; ' + hint if hint else ''}")
     return done
 
 
