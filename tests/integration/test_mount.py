@@ -175,10 +175,10 @@ def test_writable_ext4_mount_persists_and_stays_clean(tmp_path: Path, state_dir:
         assert info.writable and "rw" in mount_options(target)
         (target / "tree/new.bin").write_bytes(payload)
         unmount(target, state_dir=state_dir)
-    assert leftovers(tmp_path) == []
-    ok, report = e2fsck_clean(disk.image)
-    assert ok, report
-    assert debugfs_cat(disk.image, "/tree/new.bin") == payload
+        assert leftovers(tmp_path) == []
+        ok, report = e2fsck_clean(disk.image)  # while the server runs: unmounting sent everything
+        assert ok, report
+        assert debugfs_cat(disk.image, "/tree/new.bin") == payload
 
 
 def test_writable_mount_of_a_read_only_export_is_refused(tmp_path: Path, state_dir: Path) -> None:
