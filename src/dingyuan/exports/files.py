@@ -13,7 +13,7 @@ is copied, and nothing in the destination is overwritten.
 
 What is kept: contents, modes, access and modification times, extended attributes, hard links
 within one restore, and the owner and group when running as root. Sockets are skipped (they are
-made by the program that listens on them).
+made by the program that listens on them); sparse files are written whole.
 """
 
 from __future__ import annotations

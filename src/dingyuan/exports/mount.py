@@ -222,7 +222,7 @@ def unmount(target: Path, *, state_dir: Path) -> MountInfo | None:
 def mounts(state_dir: Path) -> list[MountInfo]:
     """The mounts recorded in ``state_dir`` (incomplete ones have ``complete`` False), by target."""
     found = []
-    for path in sorted(state_dir.glob("*.json")):
+    for path in state_dir.glob("*.json"):
         with contextlib.suppress(FileNotFoundError):  # unmounted meanwhile
             try:
                 found.append(MountInfo.from_json(json.loads(path.read_text())))
@@ -294,7 +294,7 @@ def probe_filesystem(path: Path, offset: int = 0, size: int | None = None) -> st
     if done.returncode == 2:  # nothing found
         return None
     if done.returncode == 8:  # several signatures: blkid -p will not guess, nor will we
-        return "ambivalent"
+        return "several signatures"
     if done.returncode != 0:
         raise MountError(action="probe the filesystem of", path=path, detail=_tail(done))
     fields = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
