@@ -18,6 +18,7 @@ TEST_DEBS=(
     qemu-utils
     libnbd-bin python3-libnbd nbdkit
     fuse3
+    ntfs-3g fdisk psmisc  # mounting exports: mkntfs, ntfs-3g and ntfsfix; sfdisk; fuser
     postgresql postgresql-client postgresql-contrib  # the server, pgbench, amcheck
     mariadb-server mariadb-client  # mariadbd and mariadb-install-db: tests run private servers
 )
