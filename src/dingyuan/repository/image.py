@@ -104,6 +104,7 @@ class TreeIndex:
         self._load = load
         self._nodes: _Lru[tuple[int, int], list[bytes] | None] = _Lru(max_nodes, lambda _: 1)
         self._lock = threading.Lock()
+        self._loading = threading.RLock()  # re-entered: a node loads its parent first
 
     def node(self, level: int, k: int) -> list[bytes] | None:
         """Child ids of node ``k`` of level ``level``, or None if it is a hole (not stored)."""
@@ -111,17 +112,23 @@ class TreeIndex:
         with self._lock:
             if key in self._nodes:
                 return self._nodes.get(key)
-        nid = self.entry(level + 1, k)
-        ids = None if nid == ZERO_ID else self._load(nid, level)
-        span = self.fanout**level
-        first = k * self.fanout * span
-        if ids is not None and (
-            len(ids) > self.fanout or not ids or first + (len(ids) - 1) * span >= self.nchunks
-        ):
-            raise CorruptObject(name=f"tree node {nid.hex()[:16]}", detail="shape does not fit the volume")
-        with self._lock:
-            self._nodes.put(key, ids)
-        return ids
+        with self._loading:  # one load at a time: readers that need the same node fetch it once
+            with self._lock:
+                if key in self._nodes:
+                    return self._nodes.get(key)
+            nid = self.entry(level + 1, k)
+            ids = None if nid == ZERO_ID else self._load(nid, level)
+            span = self.fanout**level
+            first = k * self.fanout * span
+            if ids is not None and (
+                len(ids) > self.fanout or not ids or first + (len(ids) - 1) * span >= self.nchunks
+            ):
+                raise CorruptObject(
+                    name=f"tree node {nid.hex()[:16]}", detail="shape does not fit the volume"
+                )
+            with self._lock:
+                self._nodes.put(key, ids)
+            return ids
 
     def entry(self, level: int, k: int) -> bytes:
         """The id covering chunks ``[k * F**level, (k+1) * F**level)``: a chunk id at level 0, the
