@@ -42,7 +42,7 @@ import blake3
 
 from ..errors import CloneBusy, CloneNotFound, ExportError, SnapshotNotFound, UsageError
 from .backup import BATCH_BYTES, INFLIGHT, BatchResult, RepoSink, _Worker
-from .format import CLONE_MAP_MAGIC, ZERO_ID, BlobType, Codec, encode_tree_node
+from .format import CLONE_MAP_MAGIC, ZERO_ID, BlobType, Codec, clone_name, encode_tree_node
 from .image import SnapshotImage
 from .manifest import CloneInfo, Snapshot, utcnow
 from .repo import Repository
@@ -130,18 +130,25 @@ class Overlay:
         self._replay(info.name)
 
     @staticmethod
-    def create(path: Path, info: CloneInfo) -> None:
-        """Make the overlay's files, durably (the record is created after them)."""
+    def create(path: Path, info: CloneInfo) -> int:
+        """Make the overlay's files, durably (the record is created after them); returns the fd
+        of the clone's lock, held, so that :meth:`CloneStore.sweep` leaves the overlay alone until
+        the record exists."""
         path.mkdir(mode=0o700)
-        (path / "lock").touch(mode=0o600)
-        with open(path / "data", "wb") as f:
-            f.truncate(info.size)
-            os.fsync(f.fileno())
-        with open(path / "map", "wb") as f:
-            f.write(MAP_HEADER.pack(CLONE_MAP_MAGIC, info.chunk_size, info.size))
-            os.fsync(f.fileno())
-        _fsync_dir(path)
-        _fsync_dir(path.parent)
+        lock_fd = _take_lock(path / "lock", info.name)
+        try:
+            with open(path / "data", "wb") as f:
+                f.truncate(info.size)
+                os.fsync(f.fileno())
+            with open(path / "map", "wb") as f:
+                f.write(MAP_HEADER.pack(CLONE_MAP_MAGIC, info.chunk_size, info.size))
+                os.fsync(f.fileno())
+            _fsync_dir(path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return lock_fd
 
     def _replay(self, name: str) -> None:
         """Rebuild the states from the map; a torn or damaged tail (an append a crash cut short,
@@ -331,8 +338,9 @@ class CloneDevice:
             for i, lo, hi in self._chunk_parts(offset, length):
                 if lo == 0 and hi == self._chunk_len(i):
                     with self._stripes[i % STRIPES]:
-                        self.overlay.set(i, ZERO)
-                        _punch_hole(self.overlay.data_fd, i * self._cs, hi)
+                        if self.overlay.state[i] != ZERO:
+                            self.overlay.set(i, ZERO)
+                            _punch_hole(self.overlay.data_fd, i * self._cs, hi)
                 else:
                     self._put(i, lo, hi, None)
 
@@ -431,8 +439,11 @@ class CloneStore:
         base = self.repo.read_snapshot(snapshot.id)
         info = CloneInfo(secrets.token_hex(16), name, base, utcnow(), dict(labels or {}))
         path = self.root / info.id
-        Overlay.create(path, info)
-        lock_fd = _take_lock(path / "lock", name)  # until committed: sweep() leaves it alone
+        try:
+            lock_fd = Overlay.create(path, info)
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise ExportError(f"cannot create the overlay of clone {name} in {path}: {e}") from None
         try:
             self.repo.save_clone(info)
             try:
@@ -509,15 +520,15 @@ class CloneStore:
 
     def promote(self, ref: str | CloneInfo, volume: str, host: str | None = None) -> Snapshot:
         """Snapshot the clone into ``volume`` (its newest snapshot from now on), then delete the
-        clone. The clone must not be open."""
+        clone. The clone must not be open (CloneBusy); it stays held from the snapshot to the
+        deletion of its record, so nobody writes to it in between."""
         info = ref if isinstance(ref, CloneInfo) else self.get(ref)
         if NAME_RE.fullmatch(volume) is None:
             raise UsageError(f"volume name {volume!r} is not allowed")
-        with self._lock:
-            if info.id in self._open:
-                raise CloneBusy(name=info.name, detail="it is open (exported or mounted): close it first")
-        snap = self.snapshot(info, volume=volume, host=host)
-        self.delete(info)
+        with self.open(info):
+            snap = self.snapshot(info, volume=volume, host=host)
+            self.repo.delete_clone(info.id)  # record first (see delete)
+        shutil.rmtree(self.root / info.id, ignore_errors=True)
         return snap
 
     def delete(self, ref: str | CloneInfo) -> None:
@@ -544,15 +555,13 @@ class CloneStore:
         their ids. Overlays in use (locked) are left alone."""
         records = {c.id for c in self.repo.clones()}
         removed = []
-        for path in sorted(self.root.iterdir()):
-            if not path.is_dir() or path.name in records or not (path / "lock").exists():
-                continue
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in records):
             try:
                 fd = _take_lock(path / "lock", path.name)
-            except CloneBusy:
+            except (CloneBusy, OSError):
                 continue
             try:
-                if not self.repo.backend.exists(f"clones/{path.name}"):
+                if not self.repo.backend.exists(clone_name(path.name)):  # not created meanwhile
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path.name)
             finally:

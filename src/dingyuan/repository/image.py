@@ -27,6 +27,7 @@ lazy:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -50,7 +51,7 @@ from .repo import Repository
 from .restore import Run, plan_runs
 
 DEFAULT_CACHE_BYTES = 128 << 20  # decoded chunks kept per image
-DEFAULT_WORKERS = 4  # decoding threads per image (the C calls drop the GIL)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 2)  # decoding threads (more only contend for the GIL)
 MAX_READAHEAD = 16 << 20  # largest read-ahead window of one stream
 MAX_STREAMS = 8  # sequential streams tracked at once
 NODE_CACHE = 1024  # decoded tree nodes (8 KiB each at the defaults): the leaves of 16 GiB
