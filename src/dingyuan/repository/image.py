@@ -420,6 +420,7 @@ class SnapshotImage:
                 self._fail(entry.id, e)
             return
         mv = memoryview(stored)
+        done: list[tuple[bytes, bytes]] = []
         for entry, _ in blobs:
             try:
                 plain = self.repo.decode_blob(
@@ -428,9 +429,14 @@ class SnapshotImage:
             except BaseException as e:
                 self._fail(entry.id, e)
                 continue
-            with self._lock:
-                self._chunks.put(entry.id, plain)
-                fut = self._inflight.pop(entry.id, None)
+            done.append((entry.id, plain))
+        # Published together: a reader waiting for several chunks of the run wakes up once
+        # (every wake-up is a thread switch, which costs more than the short wait).
+        with self._lock:
+            for bid, plain in done:
+                self._chunks.put(bid, plain)
+            futs = [(self._inflight.pop(bid, None), plain) for bid, plain in done]
+        for fut, plain in futs:
             if fut is not None:
                 fut.set_result(plain)
 
