@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -221,6 +222,53 @@ def test_one_opener_at_a_time(repo: Repository, tmp_path: Path) -> None:
         pass
     store.delete(info)
     assert store.list() == []
+
+
+def test_concurrent_writers_to_the_same_chunks_lose_nothing(repo: Repository, tmp_path: Path) -> None:
+    """Eight threads each own every eighth 512-byte piece, so every chunk is copied up while
+    the others write into it: a copy-up that raced with another would lose a write."""
+    base_bytes = random.Random(8).randbytes(200 * CS + 512)  # dense: copy-ups fetch and wait
+    write_sparse(tmp_path / "dense.img", len(base_bytes), [(0, base_bytes)])
+    base = backup(repo, str(tmp_path / "dense.img"), "dense", host="h1", chunk_size=CS).snapshot
+    store = CloneStore(repo, tmp_path / "clones")
+    info = store.create(base, "busy")
+    model = bytearray(base_bytes)
+    pieces = len(model) // 512
+    errors: list[BaseException] = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
+    with store.open(info, cache_bytes=4 * CS) as dev:
+
+        def writer(t: int) -> None:
+            rnd = random.Random(t)
+            mine = list(range(t, pieces, 8))  # each once: a lost write stays lost
+            rnd.shuffle(mine)
+            try:
+                for p in mine:
+                    if rnd.random() < 0.2:
+                        dev.write_zeroes(p * 512, 512)
+                        model[p * 512 : p * 512 + 512] = bytes(512)
+                    else:
+                        data = rnd.randbytes(512)
+                        dev.write(p * 512, data)
+                        model[p * 512 : p * 512 + 512] = data
+                    if rnd.random() < 0.05:
+                        dev.flush()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(switch)
+        assert not errors, errors[0]
+        assert dev.read(0, base.size) == model
+    with store.open(info) as dev:
+        assert dev.read(0, base.size) == model
 
 
 def test_names_ids_and_prefixes(repo: Repository, tmp_path: Path) -> None:
