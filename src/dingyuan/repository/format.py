@@ -33,6 +33,8 @@ INDEX_MAGIC = _magic("dingyuan index v1")
 MANIFEST_MAGIC = _magic("dingyuan snapshot manifest v1")
 TREE_MAGIC = _magic("dingyuan tree node v1")
 NOTE_MAGIC = _magic("dingyuan snapshot note v1")
+CLONE_MAGIC = _magic("dingyuan clone v1")
+CLONE_MAP_MAGIC = _magic("dingyuan clone map v1")  # a clone's local overlay map (not an object)
 
 SALT_LEN = 16
 TAG_LEN = 16
@@ -179,3 +181,8 @@ def snapshot_name(snapshot_id: str) -> str:
 def note_name(snapshot_id: str, revision: int) -> str:
     """A snapshot's mutable metadata, revision ``revision`` (the highest revision counts)."""
     return f"notes/{snapshot_id}/{revision:010d}"
+
+
+def clone_name(clone_id: str) -> str:
+    """A clone's record: a writable volume born from a snapshot (its overlay is local)."""
+    return f"clones/{clone_id}"

@@ -14,8 +14,9 @@ and chunk reachable from the snapshots listed in ``gc_roots``. A run:
    are copied verbatim: blob encryption does not depend on the pack); new packs are made
    durable, then new index objects, then the old index objects are deleted, then the old packs.
 
-The counts live in the local cache; without them (a new cache) the first run counts every
-snapshot, which costs a walk of the whole repository once.
+Clones count as snapshots here: each clone record keeps its base's tree live (``gc_roots`` row
+``clone/<clone id>``). The counts live in the local cache; without them (a new cache) the first
+run counts every snapshot, which costs a walk of the whole repository once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def gc(repo: Repository) -> GcReport:
                 detail=f"{len(listed - snaps.keys())} snapshot(s) unreadable (manifest or note); gc refuses "
                 "to run, since it would free their data. Run 'dingyuan verify'",
             )
+        for clone in repo.clones():  # a clone's base stays live, even if its manifest went
+            snaps[f"clone/{clone.id}"] = (clone.base.root, clone.base.height)
         cache = repo.cache
         refs = _Refs(repo)
         with cache.transaction() as db:

@@ -27,6 +27,7 @@ lazy:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -50,7 +51,7 @@ from .repo import Repository
 from .restore import Run, plan_runs
 
 DEFAULT_CACHE_BYTES = 128 << 20  # decoded chunks kept per image
-DEFAULT_WORKERS = 4  # decoding threads per image (the C calls drop the GIL)
+DEFAULT_WORKERS = min(4, os.cpu_count() or 2)  # decoding threads (more only contend for the GIL)
 MAX_READAHEAD = 16 << 20  # largest read-ahead window of one stream
 MAX_STREAMS = 8  # sequential streams tracked at once
 NODE_CACHE = 1024  # decoded tree nodes (8 KiB each at the defaults): the leaves of 16 GiB
@@ -104,6 +105,7 @@ class TreeIndex:
         self._load = load
         self._nodes: _Lru[tuple[int, int], list[bytes] | None] = _Lru(max_nodes, lambda _: 1)
         self._lock = threading.Lock()
+        self._loading = threading.RLock()  # re-entered: a node loads its parent first
 
     def node(self, level: int, k: int) -> list[bytes] | None:
         """Child ids of node ``k`` of level ``level``, or None if it is a hole (not stored)."""
@@ -111,17 +113,23 @@ class TreeIndex:
         with self._lock:
             if key in self._nodes:
                 return self._nodes.get(key)
-        nid = self.entry(level + 1, k)
-        ids = None if nid == ZERO_ID else self._load(nid, level)
-        span = self.fanout**level
-        first = k * self.fanout * span
-        if ids is not None and (
-            len(ids) > self.fanout or not ids or first + (len(ids) - 1) * span >= self.nchunks
-        ):
-            raise CorruptObject(name=f"tree node {nid.hex()[:16]}", detail="shape does not fit the volume")
-        with self._lock:
-            self._nodes.put(key, ids)
-        return ids
+        with self._loading:  # one load at a time: readers that need the same node fetch it once
+            with self._lock:
+                if key in self._nodes:
+                    return self._nodes.get(key)
+            nid = self.entry(level + 1, k)
+            ids = None if nid == ZERO_ID else self._load(nid, level)
+            span = self.fanout**level
+            first = k * self.fanout * span
+            if ids is not None and (
+                len(ids) > self.fanout or not ids or first + (len(ids) - 1) * span >= self.nchunks
+            ):
+                raise CorruptObject(
+                    name=f"tree node {nid.hex()[:16]}", detail="shape does not fit the volume"
+                )
+            with self._lock:
+                self._nodes.put(key, ids)
+            return ids
 
     def entry(self, level: int, k: int) -> bytes:
         """The id covering chunks ``[k * F**level, (k+1) * F**level)``: a chunk id at level 0, the
@@ -412,6 +420,7 @@ class SnapshotImage:
                 self._fail(entry.id, e)
             return
         mv = memoryview(stored)
+        done: list[tuple[bytes, bytes]] = []
         for entry, _ in blobs:
             try:
                 plain = self.repo.decode_blob(
@@ -420,9 +429,14 @@ class SnapshotImage:
             except BaseException as e:
                 self._fail(entry.id, e)
                 continue
-            with self._lock:
-                self._chunks.put(entry.id, plain)
-                fut = self._inflight.pop(entry.id, None)
+            done.append((entry.id, plain))
+        # Published together: a reader waiting for several chunks of the run wakes up once
+        # (every wake-up is a thread switch, which costs more than the short wait).
+        with self._lock:
+            for bid, plain in done:
+                self._chunks.put(bid, plain)
+            futs = [(self._inflight.pop(bid, None), plain) for bid, plain in done]
+        for fut, plain in futs:
             if fut is not None:
                 fut.set_result(plain)
 

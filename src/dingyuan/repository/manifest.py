@@ -146,3 +146,75 @@ class Snapshot:
 
 def canonical(core: dict[str, Any]) -> bytes:
     return json.dumps(core, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass
+class CloneInfo:
+    """A clone's record (``clones/<id>``, format.md section 17): a writable volume born from a
+    snapshot. Written once when the clone is made and deleted whole; the written data (the
+    overlay) lives outside the repository, with whoever serves the clone.
+
+    The record carries its base's core, so a clone and gc can read the base's tree even if the
+    base's manifest were gone; ``Repository.read_clone`` checks that core against the base id.
+    """
+
+    id: str
+    name: str
+    base: Snapshot
+    created: datetime
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.base.size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.base.chunk_size
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "id": self.id,
+            "name": self.name,
+            "base": self.base.id,
+            "base_core": self.base.core(),
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "created": fmt_time(self.created),
+            "labels": self.labels,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A flat JSON view for listings."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "base": self.base.id,
+            "volume": self.base.volume,
+            "host": self.base.host,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "created": fmt_time(self.created),
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], name: str) -> CloneInfo:
+        if doc.get("format") != FORMAT_VERSION:
+            raise UnsupportedFormat(what=name, detail=f"clone format {doc.get('format')}")
+        try:
+            base = Snapshot.from_doc({"core": doc["base_core"]}, name)
+            base.id = str(doc["base"])
+            info = cls(
+                id=str(doc["id"]),
+                name=str(doc["name"]),
+                base=base,
+                created=parse_time(doc["created"]),
+                labels={str(k): str(v) for k, v in dict(doc["labels"]).items()},
+            )
+            if int(doc["size"]) != info.size or int(doc["chunk_size"]) != info.chunk_size:
+                raise ValueError("size or chunk size differs from the base's")
+            return info
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise CorruptObject(name=name, detail=f"malformed clone record: {e}") from None

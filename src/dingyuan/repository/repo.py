@@ -7,6 +7,8 @@ Layout of object names (see docs/format.md)::
     packs/<xx>/<pack id>        blobs (chunks, tree nodes) + sealed table of contents
     index/<index id>            sealed list of packs and their blobs
     snapshots/<snapshot id>     sealed manifest
+    notes/<snapshot id>/<rev>   sealed note: a snapshot's mutable metadata
+    clones/<clone id>           sealed clone record: a writable volume born from a snapshot
     locks/<random>              JSON lock records
 
 Write ordering (MUST): packs are durable before an index object lists them; index objects are
@@ -31,6 +33,7 @@ import zstandard
 
 from ..errors import (
     AmbiguousSnapshot,
+    CloneNotFound,
     CorruptObject,
     LockedError,
     MissingObject,
@@ -49,6 +52,7 @@ from .backends.base import Backend
 from .cache import IndexCache, Location
 from .crypto import Cipher, KdfParams, unwrap_master_key, wrap_master_key
 from .format import (
+    CLONE_MAGIC,
     FORMAT_VERSION,
     INDEX_MAGIC,
     MANIFEST_MAGIC,
@@ -62,6 +66,7 @@ from .format import (
     BlobType,
     Codec,
     PackRef,
+    clone_name,
     decode_index,
     decode_toc,
     decode_tree_node,
@@ -72,7 +77,7 @@ from .format import (
     snapshot_name,
 )
 from .locks import RepoLock
-from .manifest import Snapshot, canonical, fmt_time, utcnow
+from .manifest import CloneInfo, Snapshot, canonical, fmt_time, utcnow
 from .tree import TreeReader, changed_chunks, runs
 
 DEFAULT_PACK_SIZE = 8 << 20
@@ -432,10 +437,51 @@ class Repository:
         if current.locked_at(now or utcnow()):
             assert current.retention_until is not None
             raise RetentionLocked(snapshot=snap.id[:12], until=current.retention_until.isoformat())
+        clones = self.clone_bases().get(snap.id)
+        if clones:
+            raise UsageError(
+                f"snapshot {snap.id[:12]} is the base of clone {', '.join(clones)}: delete or promote "
+                "the clone first"
+            )
         self.backend.delete(snapshot_name(snap.id))
         for name, _ in list(self.backend.list(f"notes/{snap.id}/")):
             self.backend.delete(name)
         self.cache.drop_snapshots([snap.id])
+
+    # clones ----------------------------------------------------------------------------------
+    def save_clone(self, info: CloneInfo) -> None:
+        """Create a clone's record (create-if-absent: a clone id is never reused)."""
+        self.backend.create(clone_name(info.id), self.cipher.seal_json(CLONE_MAGIC, info.doc()))
+
+    def read_clone(self, cid: str) -> CloneInfo:
+        """A clone's record, checked: its id is its name's, its base core gives its base id."""
+        name = clone_name(cid)
+        try:
+            sealed = self.backend.get(name)
+        except ObjectNotFound:
+            raise CloneNotFound(name=cid) from None
+        info = CloneInfo.from_doc(self.cipher.unseal_json(CLONE_MAGIC, sealed, name), name)
+        if info.id != cid:
+            raise CorruptObject(name=name, detail="record belongs to another clone")
+        if self.snapshot_id(info.base) != info.base.id:
+            raise CorruptObject(name=name, detail="base core does not match the base snapshot id")
+        return info
+
+    def clones(self) -> list[CloneInfo]:
+        """Every clone, oldest first. A record that cannot be read fails the call: it may protect
+        a base snapshot, so nothing that decides about bases may go on without it."""
+        infos = [self.read_clone(name.rsplit("/", 1)[-1]) for name, _ in self.backend.list("clones/")]
+        return sorted(infos, key=lambda c: (c.created, c.id))
+
+    def delete_clone(self, cid: str) -> None:
+        self.backend.delete(clone_name(cid))
+
+    def clone_bases(self) -> dict[str, list[str]]:
+        """Snapshot id -> names of the clones made from it (such a snapshot cannot be deleted)."""
+        out: dict[str, list[str]] = {}
+        for info in self.clones():
+            out.setdefault(info.base.id, []).append(info.name)
+        return out
 
     def _cache_snapshots(self, snaps: list[Snapshot]) -> None:
         self.cache.put_snapshots(

@@ -3,13 +3,14 @@
 The policy works per (host, volume) like restic's and Proxmox's: ``keep_last`` keeps the N
 newest; ``keep_hourly`` keeps the newest snapshot of each of the N most recent hours that have
 snapshots, and likewise for days, ISO weeks, months and years. A snapshot kept by any rule is
-kept. Retention-locked snapshots are always kept, whatever the policy says.
+kept. Retention-locked snapshots and the bases of clones are always kept, whatever the policy
+says.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -44,8 +45,14 @@ class Decision:
     reasons: list[str]
 
 
-def apply_policy(snaps: list[Snapshot], policy: KeepPolicy, now: datetime) -> list[Decision]:
-    """Decide keep/forget for every snapshot, grouped by (host, volume); newest first."""
+def apply_policy(
+    snaps: list[Snapshot], policy: KeepPolicy, now: datetime, clone_bases: Container[str] = ()
+) -> list[Decision]:
+    """Decide keep/forget for every snapshot, grouped by (host, volume); newest first.
+
+    ``clone_bases`` holds the ids of snapshots clones were made from
+    (``Repository.clone_bases()``): the repository refuses to delete them.
+    """
     groups: dict[tuple[str, str], list[Snapshot]] = defaultdict(list)
     for s in snaps:
         groups[(s.host, s.volume)].append(s)
@@ -68,5 +75,7 @@ def apply_policy(snaps: list[Snapshot], policy: KeepPolicy, now: datetime) -> li
         for s in group:
             if s.locked_at(now):
                 reasons[s.id].append("retention-locked")
+            if s.id in clone_bases:
+                reasons[s.id].append("clone-base")
             out.append(Decision(s, bool(reasons[s.id]), reasons[s.id]))
     return out

@@ -68,6 +68,16 @@ class TreeBuilder:
             i += take
         self.next += n
 
+    def add_subtree(self, level: int, node_id: bytes) -> None:
+        """The next ``F**(level+1)`` chunks (fewer at the end of the volume) are those of the
+        level-``level`` node ``node_id`` of a tree of the same geometry: it is reused as it is,
+        without reading it. ``next`` must be a multiple of ``F**(level+1)``."""
+        span = self.fanout ** (level + 1)
+        if self.next % span or level + 1 >= self.height:
+            raise ValueError(f"a level-{level} node cannot start at chunk {self.next}")
+        self._push(level + 1, node_id)
+        self.next = min(self.next + span, self.nchunks)
+
     def skip_to(self, index: int) -> None:
         """Chunks ``[next, index)`` are all zero."""
         f = self.fanout
