@@ -78,19 +78,22 @@ class _Process:
 
 
 class Vault(_Process):
-    """``dingyuan vault serve`` in a process; ``kill()`` is SIGKILL, ``start()`` starts it again."""
+    """``dingyuan vault serve`` in a process; ``kill()`` is SIGKILL, ``start()`` starts it again.
+    It serves its API on ``port`` and exports on ``nbd_port``; ``cli_env`` points the CLI at it."""
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "vault"
         self.passfile = root / "passphrase"
         self.passfile.write_text(PASSPHRASE)
         self.port = free_port()
+        self.nbd_port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.log = root / "vault.log"
         self.proc: subprocess.Popen[bytes] | None = None
         cli("vault", "init", "--dir", str(self.dir), "--passphrase-file", str(self.passfile))
         self.ca = self.dir / "tls" / "ca.pem"
         token = (self.dir / "admin.token").read_text().strip()
+        self.cli_env = dict(os.environ, DINGYUAN_VAULT_DIR=str(self.dir), DINGYUAN_VAULT_URL=self.url)
         self.api = httpx.Client(
             base_url=self.url + API,
             verify=ssl.create_default_context(cafile=str(self.ca)),
@@ -113,6 +116,8 @@ class Vault(_Process):
                     str(self.passfile),
                     "--listen",
                     f"127.0.0.1:{self.port}",
+                    "--nbd-listen",
+                    f"127.0.0.1:{self.nbd_port}",
                     "--log-level",
                     "warning",
                 ],

@@ -24,6 +24,8 @@ from dingyuan.catalog.models import Host, Token
 from dingyuan.vault.app import create_app
 from dingyuan.vault.auth import hash_secret, new_api_token
 from dingyuan.vault.context import VaultContext, open_vault_context
+from dingyuan.vault.exports import EXTRA as EXPORTS
+from dingyuan.vault.exports import ExportService
 from dingyuan.vault.ingest import Ingest
 from vaultkit import PASSPHRASE, make_snapshot, make_vault
 
@@ -38,7 +40,10 @@ def ctx(tmp_path: Path) -> Iterator[VaultContext]:
     cfg = make_vault(tmp_path)
     c = open_vault_context(cfg.dir, PASSPHRASE)
     ingest = c.extras["ingest"] = Ingest(c.repo, tmp_path / "spool")  # upload sessions are live
+    exports = c.extras[EXPORTS] = ExportService(c, "127.0.0.1", 0)  # so are exports and clones
+    exports.start()
     yield c
+    exports.stop()
     ingest.close()
     c.close()
 

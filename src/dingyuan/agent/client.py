@@ -36,9 +36,11 @@ def tls_context(ca: Path) -> ssl.SSLContext:
 class VaultClient:
     """One vault, one credential. Thread-safe (httpx's connection pool)."""
 
-    def __init__(self, url: str, token: str | None, ca: Path | None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, url: str, token: str | None, ca: Path | None, timeout: float = 60.0, user_agent: str = "agent"
+    ) -> None:
         self.url = url.rstrip("/")
-        headers = {"User-Agent": f"dingyuan-agent/{__version__}"}
+        headers = {"User-Agent": f"dingyuan-{user_agent}/{__version__}"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.http = httpx.Client(

@@ -119,3 +119,23 @@ def rebuild_catalog(repo: Repository, engine: Engine) -> RebuildReport:
             session.execute(delete(Snapshot).where(Snapshot.id.in_(gone[i : i + _DELETE_BATCH])))
         report.snapshots_removed = len(gone)
     return report
+
+
+def index_snapshot(session: Session, snap: RepoSnapshot) -> Snapshot:
+    """Add one new repository snapshot to the catalog (with its host and volume when they are
+    new), in ``session``; returns its row."""
+    host = session.scalars(select(Host).where(Host.name == snap.host)).first()
+    if host is None:
+        host = Host(name=snap.host)
+        session.add(host)
+        session.flush()
+    vol = session.scalars(select(Volume).where(Volume.host_id == host.id, Volume.name == snap.volume)).first()
+    if vol is None:
+        vol = Volume(host_id=host.id, name=snap.volume, chunk_size=snap.chunk_size)
+        session.add(vol)
+        session.flush()
+    vol.chunk_size = snap.chunk_size
+    row = session.get(Snapshot, snap.id) or Snapshot(id=snap.id)
+    _apply(row, snap, vol.id)
+    session.add(row)
+    return row

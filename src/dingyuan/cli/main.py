@@ -30,6 +30,11 @@ COMMANDS = {
     "vault": "vault_cmd:vault",
     "agent": "agent_cmd:agent",
     "status": "status_cmd:status",
+    "export": "export_cmd:export",
+    "clone": "export_cmd:clone",
+    "mount": "mount_cmd:mount",
+    "umount": "mount_cmd:umount",
+    "restore-files": "mount_cmd:restore_files",
 }
 
 

@@ -165,13 +165,23 @@ def _open_context(vault_dir: Path, passphrase_file: Path | None) -> VaultContext
     help="Address to serve HTTPS on [default: the vault's configured one, 127.0.0.1:8443].",
 )
 @click.option(
+    "--nbd-listen",
+    metavar="HOST:PORT|off",
+    help="Address to serve exports over NBD on, or 'off' [default: the vault's configured one, "
+    "127.0.0.1:10809].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
     show_default=True,
 )
-def serve(vault_dir: Path, passphrase_file: Path | None, listen: str | None, log_level: str) -> None:
-    """Serve the vault's API over HTTPS until SIGINT or SIGTERM (then stop gracefully)."""
+def serve(
+    vault_dir: Path, passphrase_file: Path | None, listen: str | None, nbd_listen: str | None, log_level: str
+) -> None:
+    """Serve the vault's API over HTTPS, and its exports over NBD, until SIGINT or SIGTERM (then
+    stop gracefully)."""
+    from ..vault.exports import EXTRA as EXPORTS
     from ..vault.server import VaultServer, parse_listen
 
     ctx = _open_context(vault_dir, passphrase_file)
@@ -182,8 +192,19 @@ def serve(vault_dir: Path, passphrase_file: Path | None, listen: str | None, log
             click.echo(f"vault API at {server.url} (docs: {server.url}docs)")
             click.echo(f"  CA SHA-256  {ctx.cfg.ca_fingerprint()}  ({ctx.cfg.tls_ca_cert})")
             click.echo("  plaintext http:// to this port is refused; stop with Ctrl-C or SIGTERM")
+            exports = server.ctx.extras.get(EXPORTS)
+            if exports is not None:
+                click.echo(f"  exports over NBD on {exports.host}:{exports.port}")
 
-        VaultServer(ctx, host, port, log_level=log_level, on_started=started).run()
+        nbd = nbd_listen or ctx.cfg.nbd_listen
+        VaultServer(
+            ctx,
+            host,
+            port,
+            log_level=log_level,
+            on_started=started,
+            nbd_listen=None if nbd == "off" else nbd,
+        ).run()
         click.echo("vault stopped")
     finally:
         ctx.close()

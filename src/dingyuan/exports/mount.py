@@ -119,6 +119,8 @@ class MountInfo:
     fstype: str | None = None
     loop_device: str | None = None
     nbdfuse_pid: int | None = None
+    #: what the caller made for this mount and undoes after it (the CLI: its export's id)
+    owner: int | None = None
     #: every step done; False for a mount under way or interrupted
     complete: bool = False
 
@@ -148,11 +150,13 @@ def mount(
     writable: bool = False,
     state_dir: Path,
     timeout: float = 30.0,
+    owner: int | None = None,
 ) -> MountInfo:
     """Mount the filesystem of the NBD export ``uri`` on the directory ``target``.
 
     ``partition`` picks a partition by number; without it the whole disk, or its only partition
-    holding a filesystem. ``timeout`` bounds the wait for nbdfuse to connect. On failure every
+    holding a filesystem. ``timeout`` bounds the wait for nbdfuse to connect. ``owner`` is kept in
+    the mount's state for the caller (:func:`unmount` returns it). On failure every
     step done is undone and :class:`MountError` says what failed; if the undoing fails too, the
     state stays in ``state_dir`` and :func:`unmount` finishes it.
     """
@@ -174,7 +178,9 @@ def mount(
     if _mounts_at(target):
         raise MountError(action="mount on", path=target, detail="something is mounted there already")
     work = _work_dir(state_dir, target)
-    info = MountInfo(uri=uri, target=target, fuse_dir=work / "fuse", writable=writable, partition=partition)
+    info = MountInfo(
+        uri=uri, target=target, fuse_dir=work / "fuse", writable=writable, partition=partition, owner=owner
+    )
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         _save(state_dir, info, create=True)  # the claim: of two mounts on one target, one goes on

@@ -8,8 +8,9 @@ built-in routes are limited to :data:`MAX_BODY` (413 beyond). Errors are JSON
 ==========================================================  ======
 unauthenticated (no, malformed, unknown, revoked, expired)   401
 forbidden (role)                                             403
-not_found, snapshot_not_found                                404
-conflict, retention_locked, retention_lock_kept, locked      409
+not_found, snapshot_not_found, clone_not_found               404
+conflict, retention_locked, retention_lock_kept, locked,     409
+clone_busy, export_error
 invalid_request (validation), usage_error                    422
 storage errors                                               503
 ==========================================================  ======
@@ -36,7 +37,10 @@ from .. import __version__
 from ..errors import (
     AmbiguousSnapshot,
     ApiError,
+    CloneBusy,
+    CloneNotFound,
     DingyuanError,
+    ExportError,
     IncompleteSnapshot,
     JobConflict,
     LockedError,
@@ -54,7 +58,9 @@ from ..protocol import MAX_UPLOAD_BYTES
 from .api import (
     agent,
     audit,
+    clones,
     enroll,
+    exports,
     hosts,
     jobs,
     policies,
@@ -83,6 +89,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     jobs.router,
     users.router,
     tokens.router,
+    clones.router,
+    exports.router,
     audit.router,
 )
 log = logging.getLogger(__name__)
@@ -100,6 +108,9 @@ _STATUS: tuple[tuple[type[DingyuanError], int], ...] = (
     (JobConflict, 409),
     (UploadRejected, 422),
     (PolicyError, 422),
+    (CloneNotFound, 404),
+    (CloneBusy, 409),
+    (ExportError, 409),
     (StorageError, 503),
 )
 _HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}

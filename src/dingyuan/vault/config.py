@@ -6,6 +6,7 @@ Layout of a vault directory (default ``/var/lib/dingyuan``)::
     repository/         the repository (a LocalBackend), unless configured elsewhere
     catalog.sqlite      the catalog, unless the catalog URL points elsewhere (PostgreSQL)
     cache/              the repository's local index cache
+    clones/             the overlays of clones (their records are in the repository)
     tls/ca.pem          the vault CA made at init; agents and clients trust it
     tls/ca.key          its private key (0600)
     tls/server.pem      the server certificate signed by the CA
@@ -34,6 +35,7 @@ CONFIG_NAME = "vault.json"
 CONFIG_VERSION = 1
 DEFAULT_VAULT_DIR = Path("/var/lib/dingyuan")
 DEFAULT_LISTEN = "127.0.0.1:8443"
+DEFAULT_NBD_LISTEN = "127.0.0.1:10809"  # the IANA port of NBD
 _PATHS = ("repository", "cache_dir", "tls_ca_cert", "tls_ca_key", "tls_cert", "tls_key")
 
 
@@ -50,6 +52,7 @@ class VaultConfig:
     tls_cert: Path
     tls_key: Path
     listen: str = DEFAULT_LISTEN
+    nbd_listen: str = DEFAULT_NBD_LISTEN  # exports; "off" serves none
     repository_id: str = ""
     version: int = field(default=CONFIG_VERSION)
 
@@ -76,6 +79,7 @@ class VaultConfig:
             "version": self.version,
             "catalog_url": self.catalog_url,
             "listen": self.listen,
+            "nbd_listen": self.nbd_listen,
             "repository_id": self.repository_id,
         }
         for name in _PATHS:
@@ -106,6 +110,7 @@ class VaultConfig:
                 tls_cert=d / str(doc["tls_cert"]),
                 tls_key=d / str(doc["tls_key"]),
                 listen=str(doc.get("listen", DEFAULT_LISTEN)),
+                nbd_listen=str(doc.get("nbd_listen", DEFAULT_NBD_LISTEN)),
                 repository_id=str(doc.get("repository_id", "")),
             )
         except KeyError as e:

@@ -361,3 +361,63 @@ class AuditOut(Response):
 class ErrorOut(Response):
     error: str = Field(description="What kind of error, e.g. not_found, retention_locked, forbidden.")
     message: str = Field(description="What happened and what to do.")
+
+
+# clones and exports ---------------------------------------------------------------------------
+#: a snapshot as the API names it: a full id, a unique id prefix (at least 8 hex digits), or
+#: VOLUME@latest (HOST:VOLUME@latest when volume names repeat across hosts)
+SnapshotRef = Annotated[str, StringConstraints(min_length=8, max_length=300, pattern=r"^[^\x00-\x1f\x7f/]+$")]
+#: a network an export admits clients from: an address or CIDR block, IPv4 or IPv6
+Network = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[0-9A-Fa-f.:/]+$")]
+
+
+class CloneCreate(Request):
+    snapshot: SnapshotRef
+    name: Name | None = None  # default: <volume>-<short snapshot id>-<n>
+
+
+class CloneOut(Response):
+    id: str
+    name: str
+    snapshot: str  # the base snapshot's id
+    host: str
+    volume: str  # the base snapshot's volume
+    size: int
+    chunk_size: int
+    created: datetime
+    exports: list[int]  # ids of the exports serving it
+
+
+class ClonePromote(Request):
+    volume: Name
+    host: Name | None = None  # default: the base snapshot's host
+
+
+class ExportCreate(Request):
+    """Serve a snapshot (read-only) or a clone. ``writable`` with a snapshot serves a new clone of
+    it instead: a snapshot is never written."""
+
+    snapshot: SnapshotRef | None = None
+    clone: Name | None = None  # a clone's name or id
+    writable: bool = False
+    protocol: Literal["nbd"] = "nbd"
+    allowed_clients: list[Network] | None = Field(default=None, max_length=64)
+
+    @model_validator(mode="after")
+    def _one(self) -> ExportCreate:
+        if (self.snapshot is None) == (self.clone is None):
+            raise ValueError("give exactly one of snapshot and clone")
+        return self
+
+
+class ExportOut(Response):
+    id: int
+    name: str  # the export name clients ask for: it works as an access token
+    protocol: str
+    kind: Literal["snapshot", "clone"]
+    target: str  # the snapshot id or the clone id
+    writable: bool
+    allowed_clients: list[str] | None
+    uri: str
+    created: datetime
+    created_by: str

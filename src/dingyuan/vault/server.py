@@ -39,6 +39,8 @@ from .app import API_PREFIX, create_app
 from .auth import ANONYMOUS, record_event
 from .config import VaultConfig
 from .context import VaultContext
+from .exports import EXTRA as EXPORTS
+from .exports import ExportService
 from .service import Housekeeper
 
 TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a handshake (ClientHello)
@@ -259,8 +261,10 @@ class VaultServer:
         extra_routers: Sequence[APIRouter] = (),
         log_level: str = "info",
         on_started: Callable[[VaultServer], None] | None = None,
+        nbd_listen: str | None = None,
     ) -> None:
         self.ctx = ctx
+        self.nbd_listen = nbd_listen
         self.on_started = on_started
         self.host = host
         self.port = port
@@ -291,11 +295,18 @@ class VaultServer:
             {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         )
         keeper = Housekeeper(self.ctx) if "ingest" not in self.ctx.extras else None
+        exports = None
         try:
             if keeper:
                 keeper.start()  # recovery first: no request before the spool is packed
+            if self.nbd_listen is not None:
+                exports = self.ctx.extras[EXPORTS] = ExportService(self.ctx, *parse_listen(self.nbd_listen))
+                exports.start()
             self._server.run()
         finally:
+            if exports:
+                exports.stop()
+                del self.ctx.extras[EXPORTS]
             if keeper:
                 keeper.stop()
             for s, handler in previous.items():

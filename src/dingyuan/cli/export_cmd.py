@@ -1,0 +1,202 @@
+"""dingyuan export start|list|stop and dingyuan clone create|list|snapshot|promote|delete: they
+ask the running vault (its API), which serves the exports and keeps the clones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .common import emit_json, human_bytes, json_option, out_console
+from .remote import vault_client, vault_option
+
+
+def _call(vault_dir: Path, method: str, path: str, **kw: Any) -> Any:
+    client = vault_client(vault_dir)
+    try:
+        r = client.call(method, path, **kw)
+        return r.json() if r.content else None
+    finally:
+        client.close()
+
+
+def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table, highlight=False)
+
+
+def start_export(vault_dir: Path, ref: str, writable: bool, allow: tuple[str, ...]) -> dict[str, Any]:
+    """Export a clone (by name or id) or else a snapshot; the API's answer, and ``new_clone``."""
+    body: dict[str, Any] = {"writable": writable, "allowed_clients": list(allow) or None}
+    clones = {c["name"]: c for c in _call(vault_dir, "GET", "/clones")}
+    if ref in clones or any(c["id"].startswith(ref) for c in clones.values()):
+        body["clone"] = ref
+    else:
+        body["snapshot"] = ref
+    doc: dict[str, Any] = _call(vault_dir, "POST", "/exports", json=body)
+    doc["new_clone"] = writable and "snapshot" in body  # the vault made a clone for it
+    return doc
+
+
+@click.group()
+def export() -> None:
+    """Serve snapshots and clones as block devices (NBD) from the running vault."""
+
+
+@export.command("start")
+@click.argument("ref", metavar="SNAPSHOT|CLONE")
+@click.option(
+    "--writable",
+    is_flag=True,
+    help="Serve a clone (a new one for a snapshot): writes never reach a snapshot.",
+)
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="NETWORK",
+    help="Admit clients from this address or network only (repeatable).",
+)
+@vault_option
+@json_option
+def export_start(ref: str, writable: bool, allow: tuple[str, ...], vault_dir: Path, as_json: bool) -> None:
+    """Export a snapshot (read-only) or a clone, and print its nbd:// URI.
+
+    SNAPSHOT is an id, a unique id prefix or VOLUME@latest; CLONE a clone's name or id. The export
+    name in the URI works as an access token: share it only with the clients that need it.
+    """
+    doc = start_export(vault_dir, ref, writable, allow)
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(doc["uri"])
+    what = (
+        f"clone {doc['target'][:12]} (writable)"
+        if doc["kind"] == "clone"
+        else f"snapshot {doc['target'][:12]} (read-only)"
+    )
+    click.echo(f"export {doc['id']}: {what}; stop it with `dingyuan export stop {doc['id']}`", err=True)
+
+
+@export.command("list")
+@vault_option
+@json_option
+def export_list(vault_dir: Path, as_json: bool) -> None:
+    """List the vault's exports."""
+    docs = _call(vault_dir, "GET", "/exports")
+    if as_json:
+        emit_json(docs)
+        return
+    _table(
+        ("id", "kind", "target", "mode", "clients", "uri"),
+        [
+            (
+                str(d["id"]),
+                d["kind"],
+                d["target"][:12],
+                "rw" if d["writable"] else "ro",
+                ",".join(d["allowed_clients"] or ["any"]),
+                d["uri"],
+            )
+            for d in docs
+        ],
+    )
+
+
+@export.command("stop")
+@click.argument("export_ids", metavar="ID...", nargs=-1, required=True, type=int)
+@vault_option
+def export_stop(export_ids: tuple[int, ...], vault_dir: Path) -> None:
+    """Stop exports (their clients are disconnected; a clone stays)."""
+    for i in export_ids:
+        _call(vault_dir, "DELETE", f"/exports/{i}")
+        click.echo(f"stopped export {i}")
+
+
+@click.group()
+def clone() -> None:
+    """Writable copy-on-write volumes born from snapshots; a snapshot itself is never written."""
+
+
+@clone.command("create")
+@click.argument("snapshot")
+@click.option("--name", help="The clone's name [default: VOLUME-SNAPSHOT-N].")
+@vault_option
+@json_option
+def clone_create(snapshot: str, name: str | None, vault_dir: Path, as_json: bool) -> None:
+    """Make a clone of SNAPSHOT (an id, a unique prefix or VOLUME@latest)."""
+    doc = _call(vault_dir, "POST", "/clones", json={"snapshot": snapshot, "name": name})
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"clone {doc['name']} ({doc['id'][:12]}) of snapshot {doc['snapshot'][:12]}")
+
+
+@clone.command("list")
+@vault_option
+@json_option
+def clone_list(vault_dir: Path, as_json: bool) -> None:
+    """List the clones."""
+    docs = _call(vault_dir, "GET", "/clones")
+    if as_json:
+        emit_json(docs)
+        return
+    _table(
+        ("name", "id", "snapshot", "host", "volume", "size", "created (UTC)", "exports"),
+        [
+            (
+                d["name"],
+                d["id"][:12],
+                d["snapshot"][:12],
+                d["host"],
+                d["volume"],
+                human_bytes(d["size"]),
+                d["created"][:19],
+                ",".join(map(str, d["exports"])),
+            )
+            for d in docs
+        ],
+    )
+
+
+@clone.command("snapshot")
+@click.argument("ref", metavar="CLONE")
+@vault_option
+@json_option
+def clone_snapshot(ref: str, vault_dir: Path, as_json: bool) -> None:
+    """Take a snapshot of a clone's current contents (its volume is the clone's name)."""
+    doc = _call(vault_dir, "POST", f"/clones/{ref}/snapshot")
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"snapshot {doc['id'][:12]} of {doc['host']}:{doc['volume']}")
+
+
+@clone.command("promote")
+@click.argument("ref", metavar="CLONE")
+@click.option("--volume", required=True, help="The new volume's name.")
+@click.option("--host", help="The new volume's host [default: the snapshot's host].")
+@vault_option
+@json_option
+def clone_promote(ref: str, volume: str, host: str | None, vault_dir: Path, as_json: bool) -> None:
+    """Make a clone a volume of its own: snapshot it under VOLUME, then delete the clone."""
+    doc = _call(vault_dir, "POST", f"/clones/{ref}/promote", json={"volume": volume, "host": host})
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"promoted to {doc['host']}:{doc['volume']}, snapshot {doc['id'][:12]}")
+
+
+@clone.command("delete")
+@click.argument("refs", metavar="CLONE...", nargs=-1, required=True)
+@vault_option
+def clone_delete(refs: tuple[str, ...], vault_dir: Path) -> None:
+    """Delete clones and what was written to them (refused while exported)."""
+    for ref in refs:
+        _call(vault_dir, "DELETE", f"/clones/{ref}")
+        click.echo(f"deleted clone {ref}")
