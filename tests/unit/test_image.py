@@ -206,9 +206,10 @@ def test_sequential_reads_read_ahead(repo: Repository, tmp_path: Path) -> None:
     with SnapshotImage(repo, snap, max_readahead=4 * MiB) as img:
         for off in range(0, 2 * MiB, 256 * KiB):
             assert img.read(off, 256 * KiB) == data[off : off + 256 * KiB]
-        deadline = time.monotonic() + 5
-        while sum(fetched) < 4 * MiB and time.monotonic() < deadline:  # fetched in the background
-            time.sleep(0.01)
+        deadline, seen = time.monotonic() + 5, -1
+        while (sum(fetched) < 4 * MiB or len(fetched) != seen) and time.monotonic() < deadline:
+            seen = len(fetched)  # wait until the background fetches have settled
+            time.sleep(0.1)
         before = len(fetched)
         assert img.read(2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
         assert len(fetched) == before, "read-ahead did not cover the next sequential read"
