@@ -183,9 +183,10 @@ class _Stream:
 class SnapshotImage:
     """A snapshot as a read-only :class:`~dingyuan.exports.blockdev.BlockDevice` (structurally).
 
-    Thread-safe. ``cache_bytes`` bounds the decoded chunks kept, ``workers`` the decoding threads,
-    ``max_readahead`` the read-ahead window of one sequential stream; memory stays within about
-    ``cache_bytes + MAX_STREAMS * max_readahead`` plus ``NODE_CACHE`` tree nodes, whatever the
+    Thread-safe. ``cache_bytes`` bounds the decoded chunks kept (read-ahead lands there too, so
+    it should hold a window per stream), ``workers`` the decoding threads, ``max_readahead`` the
+    read-ahead window of one sequential stream. Memory stays within about ``cache_bytes``, plus
+    two runs (``restore.MAX_RUN``) per worker and ``NODE_CACHE`` tree nodes, whatever the
     volume's size. Holds no repository lock; call :meth:`close` when done.
     """
 
