@@ -52,7 +52,8 @@ def chunk_flags(extents: list[tuple[int, bool]], offset: int) -> list[tuple[int,
 
 
 def check_extents(img: SnapshotImage, image: bytes, offset: int, length: int) -> None:
-    """Lengths add up; a range called zero reads as zero; an all-zero chunk is called zero."""
+    """Lengths add up; a range called zero reads as zero; a range called data has no all-zero
+    chunk (those are holes in the tree)."""
     ext = img.extents(offset, length)
     assert sum(n for n, _ in ext) == length
     assert all(a[1] != b[1] for a, b in itertools.pairwise(ext)), "neighbours not merged"
@@ -60,9 +61,9 @@ def check_extents(img: SnapshotImage, image: bytes, offset: int, length: int) ->
     for start, end, zero in chunk_flags(ext, offset):
         if zero:
             assert image[start:end] == bytes(end - start)
-        else:  # data is only claimed at chunk granularity: some chunk touched must hold data
-            first, last = start // cs * cs, min(-(-end // cs) * cs, len(image))
-            assert any(image[c : c + cs] != bytes(min(cs, len(image) - c)) for c in range(first, last, cs))
+        else:  # a chunk that reads as zeros is a hole (ZERO_ID), and extents must say so
+            for c in range(start // cs * cs, end, cs):
+                assert image[c : c + cs] != bytes(min(cs, len(image) - c)), f"hole at {c} called data"
 
 
 writes = st.lists(

@@ -299,6 +299,11 @@ class SnapshotImage:
                 continue
             leaf = self.tree.node(0, i // f) or []
             leaf_end = min((i // f + 1) * f, self.tree.nchunks)
+            if ZERO_ID not in leaf and len(leaf) == leaf_end - i // f * f:  # all data: one step
+                stop = min(leaf_end * cs, end)
+                add(stop - pos, False)
+                pos = stop
+                continue
             while i < leaf_end and pos < end:
                 stop = min((i + 1) * cs, end)
                 j = i % f
