@@ -216,6 +216,31 @@ def test_sequential_reads_read_ahead(repo: Repository, tmp_path: Path) -> None:
         assert len(fetched) == before, "read-ahead did not cover the next sequential read"
 
 
+def test_random_reads_fetch_only_what_they_read(repo: Repository, tmp_path: Path) -> None:
+    size = 32 * MiB
+    data = random.Random(4).randbytes(size)
+    write_sparse(tmp_path / "src", size, [(0, data)])
+    snap = backup(repo, str(tmp_path / "src"), "vol", host="h").snapshot
+    fetched: list[int] = []
+    real_get_range = repo.backend.get_range
+
+    def counting(name: str, offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return real_get_range(name, offset, length)
+
+    repo.backend.get_range = counting  # type: ignore[method-assign]
+    rnd = random.Random(5)
+    with SnapshotImage(repo, snap) as img:
+        chunks = set()
+        for _ in range(40):
+            off = rnd.randrange(0, size - 4 * KiB)
+            assert img.read(off, 4 * KiB) == data[off : off + 4 * KiB]
+            chunks.update({off // snap.chunk_size, (off + 4 * KiB - 1) // snap.chunk_size})
+        time.sleep(0.2)  # read-ahead, had there been any, would be under way
+    tree_nodes = 4 * 8 * KiB
+    assert sum(fetched) <= 2 * len(chunks) * (snap.chunk_size + 64) + tree_nodes  # chance neighbours
+
+
 def test_a_flipped_bit_fails_the_read_and_never_returns_other_bytes(tmp_path: Path) -> None:
     backend = MemoryBackend()
     repo = new_repo(backend, tmp_path / "cache")

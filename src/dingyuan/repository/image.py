@@ -458,8 +458,11 @@ class SnapshotImage:
         n = self.tree.nchunks
         with self._lock:
             self._tick += 1
-            slack = max(self._max_window, 2 * (last - first))
-            stream = next((s for s in self._streams if s.next - slack <= first <= s.next + slack), None)
+            # A read continues a stream if it starts near where the stream got to: within two
+            # reads' length, or within its window once it has one (requests in flight on one
+            # connection arrive out of order). Random reads stay apart and fetch nothing more.
+            reach = 2 * (last - first)
+            stream = next((s for s in self._streams if abs(first - s.next) <= max(s.window, reach)), None)
             if stream is None:
                 if len(self._streams) >= MAX_STREAMS:
                     self._streams.remove(min(self._streams, key=lambda s: s.used))
