@@ -112,7 +112,7 @@ ops = st.lists(
     script=ops,
     aligned=st.booleans(),
 )
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_clone_follows_its_model_and_snapshots_to_it(
     tmp_path_factory: pytest.TempPathFactory,
     nchunks: int,

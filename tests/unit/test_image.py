@@ -52,7 +52,8 @@ def chunk_flags(extents: list[tuple[int, bool]], offset: int) -> list[tuple[int,
 
 
 def check_extents(img: SnapshotImage, image: bytes, offset: int, length: int) -> None:
-    """Lengths add up; a range called zero reads as zero; an all-zero chunk is called zero."""
+    """Lengths add up; a range called zero reads as zero; a range called data has no all-zero
+    chunk (those are holes in the tree)."""
     ext = img.extents(offset, length)
     assert sum(n for n, _ in ext) == length
     assert all(a[1] != b[1] for a, b in itertools.pairwise(ext)), "neighbours not merged"
@@ -60,9 +61,9 @@ def check_extents(img: SnapshotImage, image: bytes, offset: int, length: int) ->
     for start, end, zero in chunk_flags(ext, offset):
         if zero:
             assert image[start:end] == bytes(end - start)
-        else:  # data is only claimed at chunk granularity: some chunk touched must hold data
-            first, last = start // cs * cs, min(-(-end // cs) * cs, len(image))
-            assert any(image[c : c + cs] != bytes(min(cs, len(image) - c)) for c in range(first, last, cs))
+        else:  # a chunk that reads as zeros is a hole (ZERO_ID), and extents must say so
+            for c in range(start // cs * cs, end, cs):
+                assert image[c : c + cs] != bytes(min(cs, len(image) - c)), f"hole at {c} called data"
 
 
 writes = st.lists(
@@ -206,12 +207,38 @@ def test_sequential_reads_read_ahead(repo: Repository, tmp_path: Path) -> None:
     with SnapshotImage(repo, snap, max_readahead=4 * MiB) as img:
         for off in range(0, 2 * MiB, 256 * KiB):
             assert img.read(off, 256 * KiB) == data[off : off + 256 * KiB]
-        deadline = time.monotonic() + 5
-        while sum(fetched) < 4 * MiB and time.monotonic() < deadline:  # fetched in the background
-            time.sleep(0.01)
+        deadline, seen = time.monotonic() + 5, -1
+        while (sum(fetched) < 4 * MiB or len(fetched) != seen) and time.monotonic() < deadline:
+            seen = len(fetched)  # wait until the background fetches have settled
+            time.sleep(0.1)
         before = len(fetched)
         assert img.read(2 * MiB, MiB) == data[2 * MiB : 3 * MiB]
         assert len(fetched) == before, "read-ahead did not cover the next sequential read"
+
+
+def test_random_reads_fetch_only_what_they_read(repo: Repository, tmp_path: Path) -> None:
+    size = 32 * MiB
+    data = random.Random(4).randbytes(size)
+    write_sparse(tmp_path / "src", size, [(0, data)])
+    snap = backup(repo, str(tmp_path / "src"), "vol", host="h").snapshot
+    fetched: list[int] = []
+    real_get_range = repo.backend.get_range
+
+    def counting(name: str, offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return real_get_range(name, offset, length)
+
+    repo.backend.get_range = counting  # type: ignore[method-assign]
+    rnd = random.Random(5)
+    with SnapshotImage(repo, snap) as img:
+        chunks = set()
+        for _ in range(40):
+            off = rnd.randrange(0, size - 4 * KiB)
+            assert img.read(off, 4 * KiB) == data[off : off + 4 * KiB]
+            chunks.update({off // snap.chunk_size, (off + 4 * KiB - 1) // snap.chunk_size})
+        time.sleep(0.2)  # read-ahead, had there been any, would be under way
+    tree_nodes = 4 * 8 * KiB
+    assert sum(fetched) <= 2 * len(chunks) * (snap.chunk_size + 64) + tree_nodes  # chance neighbours
 
 
 def test_a_flipped_bit_fails_the_read_and_never_returns_other_bytes(tmp_path: Path) -> None:

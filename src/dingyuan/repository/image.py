@@ -183,9 +183,10 @@ class _Stream:
 class SnapshotImage:
     """A snapshot as a read-only :class:`~dingyuan.exports.blockdev.BlockDevice` (structurally).
 
-    Thread-safe. ``cache_bytes`` bounds the decoded chunks kept, ``workers`` the decoding threads,
-    ``max_readahead`` the read-ahead window of one sequential stream; memory stays within about
-    ``cache_bytes + MAX_STREAMS * max_readahead`` plus ``NODE_CACHE`` tree nodes, whatever the
+    Thread-safe. ``cache_bytes`` bounds the decoded chunks kept (read-ahead lands there too, so
+    it should hold a window per stream), ``workers`` the decoding threads, ``max_readahead`` the
+    read-ahead window of one sequential stream. Memory stays within about ``cache_bytes``, plus
+    two runs (``restore.MAX_RUN``) per worker and ``NODE_CACHE`` tree nodes, whatever the
     volume's size. Holds no repository lock; call :meth:`close` when done.
     """
 
@@ -298,6 +299,11 @@ class SnapshotImage:
                 continue
             leaf = self.tree.node(0, i // f) or []
             leaf_end = min((i // f + 1) * f, self.tree.nchunks)
+            if ZERO_ID not in leaf and len(leaf) == leaf_end - i // f * f:  # all data: one step
+                stop = min(leaf_end * cs, end)
+                add(stop - pos, False)
+                pos = stop
+                continue
             while i < leaf_end and pos < end:
                 stop = min((i + 1) * cs, end)
                 j = i % f
@@ -452,8 +458,11 @@ class SnapshotImage:
         n = self.tree.nchunks
         with self._lock:
             self._tick += 1
-            slack = max(self._max_window, 2 * (last - first))
-            stream = next((s for s in self._streams if s.next - slack <= first <= s.next + slack), None)
+            # A read continues a stream if it starts near where the stream got to: within two
+            # reads' length, or within its window once it has one (requests in flight on one
+            # connection arrive out of order). Random reads stay apart and fetch nothing more.
+            reach = 2 * (last - first)
+            stream = next((s for s in self._streams if abs(first - s.next) <= max(s.window, reach)), None)
             if stream is None:
                 if len(self._streams) >= MAX_STREAMS:
                     self._streams.remove(min(self._streams, key=lambda s: s.used))
