@@ -116,6 +116,8 @@ def test_real_clients_read_the_export_exactly(setup: Setup, tmp_path: Path) -> N
     out = tmp_path / "out.img"
     subprocess.run(["nbdcopy", uri, str(out)], check=True)
     assert sha256_file(out) == sha256_file(setup.raw)
+    refused = setup.vault.api.delete(f"/snapshots/{snap['id']}")  # in use: kept
+    assert refused.status_code == 409 and "exported" in refused.json()["message"]
     setup.dy("export", "stop", str(export["id"]))
     gone = subprocess.run(["nbdinfo", uri], capture_output=True, text=True)
     assert gone.returncode != 0

@@ -293,7 +293,9 @@ def test_a_clone_base_is_kept_by_delete_retention_and_gc(repo: Repository, tmp_p
     info = store.create(base, "keeper")
     with pytest.raises(UsageError, match="base of clone keeper"):
         repo.delete_snapshot(base)
-    decisions = apply_policy(repo.snapshots(), KeepPolicy(), utcnow(), repo.clone_bases())
+    decisions = apply_policy(
+        repo.snapshots(), KeepPolicy(), utcnow(), dict.fromkeys(repo.clone_bases(), "clone-base")
+    )
     assert [(d.keep, d.reasons) for d in decisions] == [(True, ["clone-base"])]
     # Even if the manifest went (a delete racing with the clone's creation), gc keeps the data.
     repo.backend.delete(snapshot_name(base.id))

@@ -12,10 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from vault_support import add_job, add_policy, catalog, image, protect
 
-from dingyuan.catalog.models import Job, Policy, Snapshot, Volume
+from dingyuan.catalog.models import Export, Job, Policy, Snapshot, Volume
 from dingyuan.catalog.rebuild import rebuild_catalog
 from dingyuan.errors import JobConflict, MissingObject
 from dingyuan.repository.backup import backup
+from dingyuan.repository.clone import CloneStore
 from dingyuan.repository.repo import Repository
 from dingyuan.vault.jobs import (
     JobKind,
@@ -290,6 +291,28 @@ def test_retention_forgets_what_the_policy_does_not_keep_but_never_a_locked_snap
     keep_all = add_policy(engine, "keep-all")
     _, pol_all = _rows(engine, vid, keep_all)
     assert apply_retention(repo, engine, vol, pol_all, now).kept == [ids[5], ids[4], ids[1], ids[0]]
+
+
+def test_retention_keeps_exported_snapshots_and_clone_bases(
+    repo: Repository, engine: sa.Engine, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    ids = _backups(repo, tmp_path, "h1", "sda", [now - timedelta(days=d) for d in (3, 2, 1)])
+    rebuild_catalog(repo, engine)
+    CloneStore(repo, tmp_path / "clones").create(repo.read_snapshot(ids[0]), "keeper")
+    with Session(engine) as session, session.begin():
+        session.add(
+            Export(
+                name="x" * 32, protocol="nbd", kind="snapshot", target=ids[1], writable=False, created_by="t"
+            )
+        )
+    policy_id = add_policy(engine, "keep1", retention={"keep_last": 1})
+    vol, pol = _rows(engine, protect(engine, "h1", "sda", policy_id), policy_id)
+
+    result = apply_retention(repo, engine, vol, pol, now)
+
+    assert result.forgotten == []
+    assert {s.id for s in repo.snapshots()} == set(ids)
 
 
 def test_retention_failure_is_recorded(

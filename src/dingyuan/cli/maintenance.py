@@ -92,7 +92,7 @@ def forget(
         for s in repo.snapshots()
         if (volume is None or s.volume == volume) and (host is None or s.host == host)
     ]
-    decisions = apply_policy(snaps, policy, utcnow())
+    decisions = apply_policy(snaps, policy, utcnow(), dict.fromkeys(repo.clone_bases(), "clone-base"))
     removed = []
     for d in decisions:
         if not d.keep:

@@ -10,7 +10,7 @@ says.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -46,13 +46,15 @@ class Decision:
 
 
 def apply_policy(
-    snaps: list[Snapshot], policy: KeepPolicy, now: datetime, clone_bases: Container[str] = ()
+    snaps: list[Snapshot], policy: KeepPolicy, now: datetime, pinned: Mapping[str, str] | None = None
 ) -> list[Decision]:
     """Decide keep/forget for every snapshot, grouped by (host, volume); newest first.
 
-    ``clone_bases`` holds the ids of snapshots clones were made from
-    (``Repository.clone_bases()``): the repository refuses to delete them.
+    ``pinned`` maps the ids of snapshots in use to why they are kept: ``clone-base`` for those
+    clones were made from (``Repository.clone_bases()``; the repository refuses to delete
+    them), ``exported`` for those a vault serves.
     """
+    pinned = pinned or {}
     groups: dict[tuple[str, str], list[Snapshot]] = defaultdict(list)
     for s in snaps:
         groups[(s.host, s.volume)].append(s)
@@ -75,7 +77,7 @@ def apply_policy(
         for s in group:
             if s.locked_at(now):
                 reasons[s.id].append("retention-locked")
-            if s.id in clone_bases:
-                reasons[s.id].append("clone-base")
+            if s.id in pinned:
+                reasons[s.id].append(pinned[s.id])
             out.append(Decision(s, bool(reasons[s.id]), reasons[s.id]))
     return out

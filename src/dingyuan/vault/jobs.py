@@ -45,7 +45,7 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import InstanceState, Session
 
-from ..catalog.models import Host, Job, Policy, Snapshot, Volume, utcnow
+from ..catalog.models import Export, Host, Job, Policy, Snapshot, Volume, utcnow
 from ..errors import JobConflict, LockedError, PolicyError, RetentionLocked
 from ..repository.gc import gc
 from ..repository.repo import Repository
@@ -423,7 +423,7 @@ def apply_retention(
         if keep.empty():  # no rule: keep everything
             decisions = [Decision(s, True, ["no retention rule"]) for s in snaps[::-1]]
         else:
-            decisions = apply_policy(snaps, keep, now)
+            decisions = apply_policy(snaps, keep, now, pinned_snapshots(repo, engine))
         for d in decisions:
             if d.keep:
                 result.kept.append(d.snapshot.id)
@@ -448,6 +448,15 @@ def apply_retention(
 
 def _retention_details(result: RetentionResult) -> dict[str, Any]:
     return {"forgotten": result.forgotten, "kept": len(result.kept), "locked": result.locked}
+
+
+def pinned_snapshots(repo: Repository, engine: Engine) -> dict[str, str]:
+    """Snapshots retention must keep while they are in use: clone bases and exported ones."""
+    pinned = dict.fromkeys(repo.clone_bases(), "clone-base")
+    with Session(engine) as session:
+        for sid in session.scalars(select(Export.target).where(Export.kind == "snapshot")):
+            pinned.setdefault(sid, "exported")
+    return pinned
 
 
 def _drop_snapshot_rows(engine: Engine, ids: Sequence[str]) -> None:

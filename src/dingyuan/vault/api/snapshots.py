@@ -15,8 +15,8 @@ from fastapi import APIRouter, Path, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ...catalog.models import Host, Snapshot, Volume
-from ...errors import RetentionLockKept
+from ...catalog.models import Export, Host, Snapshot, Volume
+from ...errors import Conflict, RetentionLockKept
 from ..auth import (
     ADMIN,
     AGENT,
@@ -99,8 +99,19 @@ def delete_snapshot(
     ctx: ContextDep,
     principal: Annotated[Principal, require(ADMIN)],
 ) -> None:
-    """Delete a snapshot (its data goes at the next gc). 409 while it is retention-locked."""
+    """Delete a snapshot (its data goes at the next gc). 409 while it is retention-locked,
+    exported, or the base of a clone."""
     row, _ = snapshot_by_id(session, principal, snapshot_id)
+    exports = session.scalars(
+        select(Export.id).where(Export.kind == "snapshot", Export.target == snapshot_id)
+    )
+    if ids := ", ".join(map(str, exports)):
+        raise Conflict(f"snapshot {snapshot_id[:12]} is exported (export {ids}): stop the export first")
+    if clones := ctx.repo.clone_bases().get(snapshot_id):
+        raise Conflict(
+            f"snapshot {snapshot_id[:12]} is the base of clone {', '.join(clones)}: delete or promote the "
+            "clone first"
+        )
     with ctx.repo_lock:
         ctx.repo.delete_snapshot(ctx.repo.read_snapshot(snapshot_id))  # refuses a lock in force
     session.delete(row)
