@@ -185,7 +185,10 @@ install() {
             export PATH="$DY_VENV/bin:$PATH"
         fi
     else
-        dy_apt_ensure python3 python3-venv python3-pip curl e2fsprogs util-linux
+        # libnbd-bin .. psmisc: what `dingyuan mount` and `restore-files` run (nbdfuse, nbdkit's cow
+        # filter, FUSE, sfdisk, ntfs-3g, fuser)
+        dy_apt_ensure python3 python3-venv python3-pip curl e2fsprogs util-linux \
+            libnbd-bin nbdkit fuse3 fdisk ntfs-3g psmisc
         dy_venv_ensure
         if dy_pip_installed_any; then
             echo "pip: dingyuan up to date (pyproject.toml unchanged since the last install)"
