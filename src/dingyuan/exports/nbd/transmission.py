@@ -335,7 +335,8 @@ class Transmission:
             if self._writer.is_closing():
                 raise _Gone("the connection is closed")
             try:
-                self._writer.writelines(parts)
+                for part in parts:  # not writelines: before Python 3.12 it joins (copies) the data
+                    self._writer.write(part)
                 await self._writer.drain()
             except (ConnectionError, OSError) as e:
                 raise _Gone(str(e)) from e
