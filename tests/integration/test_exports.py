@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbd
 import pytest
-from mountkit import Disk, leftovers, make_disk, needs_mount_tools, read_tree
+from mountkit import Disk, leftovers, loop_device, make_disk, needs_mount_tools, partition_range, read_tree
 from protectkit import Vault, cli, sha256_file
 
 pytestmark = [needs_mount_tools]
@@ -176,6 +177,58 @@ def test_writes_land_in_a_clone_that_survives_a_crash(setup: Setup, tmp_path: Pa
     assert clone_id not in [c["id"] for c in json.loads(setup.dy("clone", "list", "--json").stdout)]
 
 
+def test_libnbd_commands_on_a_clone_export(setup: Setup, tmp_path: Path) -> None:
+    """Every command a client may send, through the vault to a clone; the snapshot stays as it was."""
+    snap = setup.snapshot("raw")
+    export = setup.export("raw@latest", "--writable")
+    model = bytearray(setup.raw.read_bytes())
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(str(export["uri"]))
+    assert h.get_size() == len(model) and h.can_flush() and h.can_fua() and h.can_trim() and h.can_zero()
+    rng = random.Random(5)
+    for _ in range(30):
+        off = rng.randrange(len(model) - 3 * CHUNK)
+        n = rng.randrange(1, 3 * CHUNK)
+        op = rng.choice(["write", "zero", "zero-no-hole", "trim"])
+        if op == "write":
+            data = rng.randbytes(n)
+            h.pwrite(data, off, nbd.CMD_FLAG_FUA if rng.random() < 0.3 else 0)
+            model[off : off + n] = data
+        elif op == "trim":  # afterwards the range reads as zeros or as before: take what it reads
+            h.trim(n, off)
+            model[off : off + n] = h.pread(n, off)
+            assert model[off : off + n] in (bytes(n), model[off : off + n])
+        else:
+            h.zero(n, off, nbd.CMD_FLAG_NO_HOLE if op == "zero-no-hole" else 0)
+            model[off : off + n] = bytes(n)
+    h.flush()
+    h.cache(4 * CHUNK, 0)
+    step = 16 << 20  # reads up to 32 MiB are allowed; the server splits them into structured chunks
+    assert b"".join(h.pread(min(step, len(model) - o), o) for o in range(0, len(model), step)) == model
+    extents: list[tuple[int, int]] = []
+
+    def collect(context: str, offset: int, entries: list[int], error: object) -> int:
+        extents.extend(zip(entries[::2], entries[1::2], strict=True))
+        return 0
+
+    h.block_status(len(model), 0, collect)
+    pos = 0
+    for length, flags in extents:  # a range reported as a hole reads as zeros
+        if flags & nbd.STATE_HOLE:
+            assert not any(model[pos : pos + length])
+        pos += length
+    assert pos >= len(model)
+    h.shutdown()
+    setup.dy("export", "stop", str(export["id"]))
+    assert setup.snapshot("raw")["id"] == snap["id"]
+    ro = setup.export(str(snap["id"]))
+    subprocess.run(["nbdcopy", str(ro["uri"]), str(tmp_path / "snap.img")], check=True)
+    setup.dy("export", "stop", str(ro["id"]))
+    assert sha256_file(tmp_path / "snap.img") == sha256_file(setup.raw)
+    setup.dy("clone", "delete", str(export["target"]))
+
+
 @pytest.mark.parametrize("volume", ["ext4", "ntfs"])
 def test_mount_reads_the_files_of_a_snapshot(setup: Setup, tmp_path: Path, volume: str) -> None:
     disk = setup.ext4 if volume == "ext4" else setup.ntfs
@@ -191,28 +244,39 @@ def test_mount_reads_the_files_of_a_snapshot(setup: Setup, tmp_path: Path, volum
     assert json.loads(setup.dy("export", "list", "--json").stdout) == []  # umount stopped it
 
 
-def test_rw_mount_writes_a_clone_and_fsck_is_clean(setup: Setup, tmp_path: Path) -> None:
-    before = setup.snapshot("ext4")
+@pytest.mark.parametrize("volume", ["ext4", "ntfs"])
+def test_rw_mount_writes_a_clone_and_fsck_is_clean(setup: Setup, tmp_path: Path, volume: str) -> None:
+    before = setup.snapshot(volume)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    setup.dy("mount", "ext4@latest", str(mnt), "--rw")
+    setup.dy("mount", f"{volume}@latest", str(mnt), "--rw")
     try:
         (mnt / "new.txt").write_text("written through a clone\n")
     finally:
         setup.dy("umount", str(mnt))
     clones = json.loads(setup.dy("clone", "list", "--json").stdout)
     clone = next(c for c in clones if c["snapshot"] == before["id"])
-    assert setup.snapshot("ext4")["id"] == before["id"]
+    assert setup.snapshot(volume)["id"] == before["id"]
 
     image = tmp_path / "clone.img"
     export = setup.export(clone["name"])
     subprocess.run(["nbdcopy", str(export["uri"]), str(image)], check=True)
     setup.dy("export", "stop", str(export["id"]))
-    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    dump = subprocess.run(["debugfs", "-R", "cat /new.txt", str(image)], capture_output=True, text=True)
-    assert dump.stdout == "written through a clone\n"
+    if volume == "ext4":
+        check = ["e2fsck", "-fn", str(image)]
+        read = ["debugfs", "-R", "cat /new.txt", str(image)]
+        _check_and_read(check, read)
+    else:  # the NTFS disk has a GPT: check its partition through a loop device
+        offset, size = partition_range(image, 1)
+        with loop_device(image, offset, size, read_only=True) as dev:
+            _check_and_read(["ntfsfix", "-n", dev], ["ntfscat", dev, "new.txt"])
     setup.dy("clone", "delete", clone["name"])
+
+
+def _check_and_read(check: list[str], read: list[str]) -> None:
+    fsck = subprocess.run(check, capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert subprocess.run(read, capture_output=True, text=True).stdout == "written through a clone\n"
 
 
 def test_restore_files_copies_files_out_of_a_snapshot(setup: Setup, tmp_path: Path) -> None:
