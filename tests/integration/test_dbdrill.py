@@ -276,3 +276,24 @@ def test_two_data_directories_must_be_told_apart(pg: Images, base: Path) -> None
             drill(mnt)
         result = drill(mnt, data_dir=Path("second"), sql="SELECT count(*) FROM items")
         assert result.ok and result.rows == ((str(ROWS + MORE),),), result.detail
+
+
+@pytest.mark.parametrize("engine", ["postgresql", "mariadb"])
+def test_data_owned_by_a_user_unknown_here_is_drilled_as_that_user(
+    engine: str, request: pytest.FixtureRequest, base: Path
+) -> None:
+    """A snapshot of another machine keeps its uids: the server runs as the data's owner even
+    when no local user has that uid (PostgreSQL refuses a data directory that is not its user's)."""
+    images: Images = request.getfixturevalue("pg" if engine == "postgresql" else "maria")
+    stranger = 54321
+    with mounted_copy(images.clean, base, f"{engine}-uid") as mnt:
+        data = mnt / images.data
+        subprocess.run(["chown", "-R", f"{stranger}:{stranger}", str(data)], check=True)
+        sql = "SELECT count(*) FROM items" if engine == "postgresql" else "SELECT COUNT(*) FROM app.items"
+        result = drill(mnt, sql=sql)
+        assert result.ok, result.detail
+        assert result.rows == ((str(ROWS + MORE),),)
+        # what it wrote (new WAL segments, a new binary log, ...) belongs to that user too
+        owners = {p.stat().st_uid for p in data.rglob("*")}
+        assert owners == {stranger}, "the server wrote files as another user"
+        assert processes_in(mnt) == []
