@@ -174,6 +174,16 @@ def test_postgresql_with_a_garbled_table_fails_the_query_that_reads_it(pg: Image
         assert processes_in(mnt) == []
 
 
+def test_a_tablespace_outside_the_clone_is_refused_before_anything_starts(pg: Images, base: Path) -> None:
+    """Its symlink names a path of the snapshot's machine: here, this machine's own."""
+    with mounted_copy(pg.clean, base, "pg-e") as mnt:
+        (mnt / pg.data / "pg_tblspc" / "99999").symlink_to(base / "elsewhere")
+        with pytest.raises(UsageError, match=r"pg_tblspc/99999 -> .*elsewhere"):
+            drill(mnt)
+        assert not (base / "elsewhere").exists()
+        assert processes_in(mnt) == []
+
+
 def test_a_live_data_directory_is_refused(pg_cluster: PgCluster) -> None:
     with pytest.raises(UsageError, match="runs on"):
         drill(pg_cluster.data)

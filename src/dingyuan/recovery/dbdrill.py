@@ -7,7 +7,8 @@ starts the database server on it privately, waits until it accepts connections, 
 stops the server and returns a :class:`DrillResult`. A drill that fails (the server does not start,
 does not answer in time, the query fails) is a result with ``ok`` False and the server's log tail
 in ``detail``, never an exception: only misuse raises (:class:`~dingyuan.errors.UsageError`: no
-data directory, several, a server program of that version not installed, a live server on it).
+data directory, several, a server program of that version not installed, a live server on it, a
+PostgreSQL cluster with WAL or tablespaces outside its data directory).
 
 What it proves: a snapshot of a running server is crash-consistent, so the server starts as after
 a power cut: PostgreSQL replays its WAL, InnoDB its redo log. A drill that passes shows that this
@@ -369,6 +370,7 @@ class _Postgres(_Server):
         with contextlib.suppress(KeyError):
             self.roles.append(pwd.getpwuid(owner).pw_name)  # initdb's default superuser
         self.role: str | None = None
+        _refuse_links(data)
         _remove_stale_pid_file(data)
 
     def files(self) -> dict[str, str]:
@@ -542,6 +544,20 @@ def _pg_bindir(version: str) -> Path:
         f"(looked in {', '.join(p.format(version=version) for p in PG_BINDIRS)}): "
         f"install postgresql-{version}"
     )
+
+
+def _refuse_links(data: Path) -> None:
+    """Refuse a cluster with WAL or tablespaces outside its data directory: their symlinks name
+    paths of the machine the snapshot was taken on, which here are this machine's own (or
+    nothing), and the server would write there."""
+    tablespaces = data / "pg_tblspc"
+    candidates = [data / "pg_wal", *(tablespaces.iterdir() if tablespaces.is_dir() else ())]
+    links = [f"{p.relative_to(data)} -> {os.readlink(p)}" for p in candidates if p.is_symlink()]
+    if links:
+        raise UsageError(
+            f"the cluster in {data} keeps files outside its data directory ({', '.join(links)}); "
+            "a drill starts only a cluster whose WAL and tablespaces are all inside it"
+        )
 
 
 def _remove_stale_pid_file(data: Path) -> None:
