@@ -279,6 +279,14 @@ def test_mariadb_with_a_garbled_table_fails_the_query_that_reads_it(maria: Image
         assert processes_in(mnt) == []
 
 
+def test_a_table_kept_outside_the_clone_is_refused_before_anything_starts(maria: Images, base: Path) -> None:
+    with mounted_copy(maria.clean, base, "maria-e") as mnt:
+        (mnt / maria.data / "app" / "ext.isl").write_text("/srv/live/app/ext.ibd")
+        with pytest.raises(UsageError, match=r"app/ext.isl -> /srv/live/app/ext.ibd"):
+            drill(mnt)
+        assert processes_in(mnt) == []
+
+
 def test_two_data_directories_must_be_told_apart(pg: Images, base: Path) -> None:
     with mounted_copy(pg.clean, base, "both") as mnt:
         subprocess.run(["cp", "-a", str(mnt / pg.data), str(mnt / "second")], check=True)

@@ -7,8 +7,8 @@ starts the database server on it privately, waits until it accepts connections, 
 stops the server and returns a :class:`DrillResult`. A drill that fails (the server does not start,
 does not answer in time, the query fails) is a result with ``ok`` False and the server's log tail
 in ``detail``, never an exception: only misuse raises (:class:`~dingyuan.errors.UsageError`: no
-data directory, several, a server program of that version not installed, a live server on it, a
-PostgreSQL cluster with WAL or tablespaces outside its data directory).
+data directory, several, a server program of that version not installed, a live server on it, files
+kept outside the data directory).
 
 What it proves: a snapshot of a running server is crash-consistent, so the server starts as after
 a power cut: PostgreSQL replays its WAL, InnoDB its redo log. A drill that passes shows that this
@@ -28,12 +28,18 @@ there, and reads none of the source machine's configuration that could reach out
   (PostgreSQL refuses to run as root). A ``postmaster.pid`` in the clone is the snapshot's stale
   lock file and is removed, unless its process runs on this very directory (then the caller passed
   live data, not a clone, and the drill refuses).
-- MariaDB (``mariadbd``) runs with ``--no-defaults``, ``--skip-networking``, ``--skip-grant-tables``
-  (the private socket is the only way in), ``--skip-slave-start`` (a replica must not connect to its
-  primary) and its pid file, socket and error log in the private directory; as the data
-  directory's owner, or ``--user=root`` when root owns it. When the data directory holds a binary
-  log, the server is started with it: InnoDB's crash recovery asks the binary log whether a prepared
-  transaction committed, and refuses to start without it.
+- MariaDB (``mariadbd``) runs with ``--no-defaults``, ``--skip-networking``,
+  ``--skip-grant-tables`` (the private socket is the only way in), ``--skip-slave-start`` (a replica
+  must not connect to its primary) and its pid file, socket and error log in the private directory;
+  as the data directory's owner, or ``--user=root`` when root owns it. When the data directory
+  holds a binary log, the server is started with it: InnoDB's crash recovery asks the binary log
+  whether a prepared transaction committed, and refuses to start without it.
+
+Files outside the data directory are refused before anything starts: PostgreSQL's ``pg_wal`` or
+tablespaces as symlinks, MariaDB's databases or tables as symlinks or created with ``DATA
+DIRECTORY`` (``.isl`` files). Their paths are those of the machine the snapshot was taken on, which
+here are this machine's own: a drill on the machine that was backed up would write into its live
+files.
 """
 
 from __future__ import annotations
@@ -475,6 +481,7 @@ class _Maria(_Server):
         if found is None or client is None:
             raise UsageError("MariaDB is not installed here (mariadbd, mariadb): install mariadb-server")
         self.server, self.client = found, client
+        _refuse_maria_links(data)
         self._owner()
 
     def files(self) -> dict[str, str]:
@@ -557,6 +564,28 @@ def _refuse_links(data: Path) -> None:
         raise UsageError(
             f"the cluster in {data} keeps files outside its data directory ({', '.join(links)}); "
             "a drill starts only a cluster whose WAL and tablespaces are all inside it"
+        )
+
+
+def _refuse_maria_links(data: Path) -> None:
+    """Refuse a MariaDB data directory with files elsewhere: a database directory or table that is a
+    symlink, or an InnoDB table created with ``DATA DIRECTORY`` (its ``.isl`` file holds the path).
+    Those paths are the snapshot machine's, here this machine's own: a drill on the machine that
+    was backed up would open the live server's files."""
+    links = []
+    for entry in data.iterdir():
+        if entry.is_symlink():
+            links.append(f"{entry.name} -> {os.readlink(entry)}")
+        elif entry.is_dir():
+            for f in entry.iterdir():
+                if f.is_symlink():
+                    links.append(f"{entry.name}/{f.name} -> {os.readlink(f)}")
+                elif f.suffix == ".isl":
+                    links.append(f"{entry.name}/{f.name} -> {f.read_text(errors='replace').strip()}")
+    if links:
+        raise UsageError(
+            f"the data directory {data} keeps tables elsewhere ({', '.join(links)}); "
+            "a drill starts only a server whose files are all inside it"
         )
 
 
