@@ -94,6 +94,7 @@ def test_the_converted_disk_reads_as_the_export_and_progress_reaches_its_size(
     if fmt == "vmdk":
         assert "create type: streamOptimized" in info, info
     assert sorted(os.listdir(tmp_path)) == [out.name], "a temporary file was left behind"
+    assert out.stat().st_mode & 0o777 == 0o600, "the disk's contents are readable by others"
 
     assert calls[-1] == (SIZE, SIZE)
     assert {total for _, total in calls} == {SIZE}

@@ -19,7 +19,8 @@ Crash safety: the output is written under a temporary name in the target's direc
 (``.NAME.XXXX.part``), flushed, and renamed to ``NAME`` only when qemu-img succeeded, then the
 directory is flushed too. A failed or interrupted conversion (an error, Ctrl-C, an exception in
 the progress callback) removes the temporary file; a process killed outright can leave it behind,
-but never a half file under ``NAME``. An existing ``NAME`` is never overwritten.
+but never a half file under ``NAME``. An existing ``NAME`` is never overwritten. The file is
+readable by its owner only (mode 0600): it holds everything the machine's disk held.
 
 Errors: a source qemu-img cannot open or read is a :class:`~dingyuan.errors.SourceError`, anything
 else (a directory that cannot be written, a full disk) a
