@@ -408,18 +408,11 @@ class _Postgres(_Server):
     def ready(self) -> bool:
         """pg_isready says the server accepts connections (it listens early, and refuses them
         while it recovers)."""
+        argv = [str(self.bindir / "pg_isready"), "-q", "-h", str(self.private), "-p", str(PG_PORT),
+                "-t", "2"]  # fmt: skip
         try:
             done = subprocess.run(
-                [
-                    str(self.bindir / "pg_isready"),
-                    "-q",
-                    "-h",
-                    str(self.private),
-                    "-p",
-                    str(PG_PORT),
-                    "-t",
-                    "2",
-                ],
+                argv,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 env=_env(self.private),
