@@ -1,0 +1,1 @@
+"""Recovery: restore, boot, convert, drills."""
