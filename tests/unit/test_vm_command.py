@@ -31,6 +31,7 @@ def test_qemu_command_boots_the_export_with_its_console_and_monitor_in_the_run_d
     assert options(cmd, "-m") == ["2048"] and options(cmd, "-smp") == ["2"]
     assert options(cmd, "-display") == ["none"] and "-no-reboot" in cmd
     assert options(cmd, "-nic") == ["none"]  # isolated without a probe: no network at all
+    assert options(cmd, "-machine") == ["q35,graphics=off"]  # the firmware's messages go to the log
     assert "-vnc" not in cmd and "-cpu" not in cmd
 
 
@@ -55,7 +56,7 @@ def test_qemu_command_options(tmp_path: Path) -> None:
     assert drives[0] == "file=/images/a,,b.img,format=raw,if=virtio,cache=writeback,readonly=on"
     assert drives[1] == f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
     assert drives[2] == f"if=pflash,format=raw,unit=1,file={tmp_path}/efivars.fd"
-    assert options(cmd, "-vnc") == [f"unix:{tmp_path}/vnc.sock"]
+    assert options(cmd, "-vnc") == [f"unix:{tmp_path}/vnc.sock"] and options(cmd, "-machine") == ["q35"]
     assert options(cmd, "-accel") == ["kvm"] and options(cmd, "-cpu") == ["host"]
 
 

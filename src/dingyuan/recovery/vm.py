@@ -62,6 +62,7 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 #: the longest path a unix socket can bind (sun_path less its terminating NUL)
 _MAX_SOCKET_PATH = 107
+_TERMINAL_CODES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: how long after a QMP 'quit' (or SIGKILL) qemu gets to be gone
 _QUIT_WAIT = 10.0
@@ -148,7 +149,10 @@ def qemu_command(
     drive = f"file={_qemu_escape(spec.disk_uri)},format=raw,if=virtio,cache=writeback"
     if spec.read_only:
         drive += ",readonly=on"
-    cmd = [qemu, "-name", f"guest={spec.name}", "-machine", "q35", "-accel", accel]
+    # without a screen, the firmware (SeaBIOS) writes to the serial console too: why a disk did
+    # not boot ("not a bootable disk") is then in serial.log
+    machine = "q35" if spec.vnc else "q35,graphics=off"
+    cmd = [qemu, "-name", f"guest={spec.name}", "-machine", machine, "-accel", accel]
     if accel == "kvm":
         cmd += ["-cpu", "host"]
     cmd += ["-m", str(spec.memory_mib), "-smp", str(spec.cpus), "-drive", drive]
@@ -226,9 +230,12 @@ class Vm:
         run_dir = run_dir.absolute()
         _check_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(ExportError, UsageError):
-            if cls.load(run_dir).alive():
-                raise UsageError(f"a VM already runs in {run_dir}: stop it first")
+        try:
+            running = cls.load(run_dir).alive()
+        except (ExportError, UsageError):  # no VM there, or a state file of no use any more
+            running = False
+        if running:
+            raise UsageError(f"a VM already runs in {run_dir}: stop it first")
         for stale in ("serial.log", "qmp.sock", "vnc.sock", "exit-status", "qemu.log"):
             (run_dir / stale).unlink(missing_ok=True)
         if shutil.which(QEMU) is None:
@@ -599,5 +606,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         text = path.read_bytes().decode(errors="replace")
     except FileNotFoundError:
         return "(empty)"
-    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    text = _TERMINAL_CODES.sub("", text)  # the firmware draws its screen on the serial console
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(kept) if kept else "(empty)"
