@@ -1,8 +1,10 @@
-"""A real, small bootable test system, for the tests that boot snapshots as virtual machines.
+r"""A real, small bootable test system, for the tests that boot snapshots as virtual machines.
 
 The disk is what a protected server's disk looks like to firmware: an MBR partition table, MBR
-boot code in sector 0, and one bootable ext2 partition holding a boot loader (extlinux), a Linux
-kernel and an initramfs. Every part is a Debian package, so nothing is downloaded at build time:
+boot code in sector 0, and a bootable ext2 partition holding a boot loader (extlinux), a Linux
+kernel and an initramfs, for BIOS boots; and an EFI system partition (FAT, type 0xEF) with
+syslinux's EFI loader as ``\EFI\BOOT\BOOTX64.EFI`` beside the same kernel and initramfs, for UEFI
+boots (OVMF). Every part is a Debian package, so nothing is downloaded at build time:
 
 - the kernel is the installed Debian kernel (``linux-image-cloud-amd64``: its package puts
   ``/boot/vmlinuz-VERSION`` and ``/lib/modules/VERSION``; the cloud flavour is small and has the
@@ -12,7 +14,9 @@ kernel and an initramfs. Every part is a Debian package, so nothing is downloade
 - the boot loader is ``extlinux`` with ``syslinux-common``'s ``mbr.bin``. ``extlinux --install``
   needs the file system mounted: the partition is attached to a loop device with ``--offset``
   (partitions of loop devices are not scanned everywhere, and there may be no udev), which needs
-  root. ext2 because syslinux reads it on every version (not ext4 with 64-bit block numbers).
+  root. ext2 because syslinux reads it on every version (not ext4 with 64-bit block numbers);
+- the EFI loader is ``syslinux-efi``'s, put on a FAT file system made in a file (``mkfs.fat``,
+  ``mcopy``: no mount) and copied into the second partition.
 
 What the guest does (``/init``), all on the serial console ``ttyS0``:
 
@@ -49,7 +53,10 @@ SECTOR = 512
 #: the whole disk (a sparse file: what is written of it is about the size of the kernel)
 DISK_SIZE = 64 * MIB
 PART_START = 1 * MIB
-PART_SIZE = 40 * MIB
+PART_SIZE = 24 * MIB
+#: the EFI system partition
+ESP_START = PART_START + PART_SIZE
+ESP_SIZE = 24 * MIB
 #: the sector the guest reads its settings from (a test writes them there)
 SETTINGS_OFFSET = 56 * MIB
 #: the sector the guest writes :data:`WROTE` into
@@ -66,11 +73,16 @@ NET_BLOCKED = "DINGYUAN-NET-BLOCKED"
 PROBE_REPLY = "DINGYUAN-PROBE"
 
 MBR_BIN = Path("/usr/lib/EXTLINUX/mbr.bin")
+SYSLINUX_EFI = Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi")
+LDLINUX_E64 = Path("/usr/lib/syslinux/modules/efi64/ldlinux.e64")
 BUSYBOX = Path("/bin/busybox")
 #: modules to load in the guest, in this order after their dependencies (each may be built in)
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
 #: Debian packages the build and the boots use (scripts/test.sh installs them)
-PACKAGES = "linux-image-cloud-amd64 busybox-static extlinux syslinux-common qemu-system-x86"
+PACKAGES = (
+    "linux-image-cloud-amd64 busybox-static extlinux syslinux-common syslinux-efi dosfstools mtools "
+    "qemu-system-x86 ovmf"
+)
 
 KERNEL_CMDLINE = "console=ttyS0,115200 panic=-1 loglevel=4"
 
@@ -133,7 +145,7 @@ def build_image(cache_dir: Path) -> Path:
     seconds; its name carries a hash of the kernel, busybox and this module's recipe). Treat it as
     read-only: boot a :func:`copy_image` of it, or serve it read-only."""
     kernel, modules = find_kernel()
-    key = _digest([kernel, BUSYBOX, MBR_BIN, Path(__file__)])
+    key = _digest([kernel, BUSYBOX, MBR_BIN, SYSLINUX_EFI, Path(__file__)])
     image = cache_dir / f"bootkit-{key}.img"
     if not image.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -198,15 +210,20 @@ def _digest(paths: Iterable[Path]) -> str:
 
 
 def _build(image: Path, kernel: Path, modules: Path, work: Path) -> None:
-    missing = [p for p in (BUSYBOX, MBR_BIN) if not p.exists()]
-    missing += [t for t in ("extlinux", "sfdisk", "mke2fs", "losetup", "mount") if shutil.which(t) is None]
+    missing = [p for p in (BUSYBOX, MBR_BIN, SYSLINUX_EFI, LDLINUX_E64) if not p.exists()]
+    tools = ("extlinux", "sfdisk", "mke2fs", "losetup", "mount", "mkfs.fat", "mcopy", "mmd")
+    missing += [t for t in tools if shutil.which(t) is None]
     if missing:
         raise BootkitError(f"missing {', '.join(map(str, missing))}: install {PACKAGES}")
     if os.geteuid() != 0:
         raise BootkitError("building the boot disk needs root (a loop device and a mount)")
     with image.open("wb") as f:
         f.truncate(DISK_SIZE)
-    table = f"label: dos\nstart={PART_START // SECTOR}, size={PART_SIZE // SECTOR}, type=83, bootable\n"
+    table = (
+        "label: dos\n"
+        f"start={PART_START // SECTOR}, size={PART_SIZE // SECTOR}, type=83, bootable\n"
+        f"start={ESP_START // SECTOR}, size={ESP_SIZE // SECTOR}, type=ef\n"
+    )
     _run(["sfdisk", "--quiet", str(image)], stdin=table)
     mkfs = ["mke2fs", "-q", "-F", "-t", "ext2", "-L", "dyboot", "-E", f"offset={PART_START}"]
     _run([*mkfs, str(image), f"{PART_SIZE // 1024}k"])
@@ -227,8 +244,36 @@ def _build(image: Path, kernel: Path, modules: Path, work: Path) -> None:
             _run(["umount", str(mnt)])
     finally:
         _run(["losetup", "--detach", loop])
+    esp = _esp(work, kernel, initrd)
     with image.open("r+b") as f:
         f.write(MBR_BIN.read_bytes()[:440])  # the boot code, before the disk signature and table
+        data = esp.read_bytes()
+        for at in range(0, len(data), 1 << 16):  # what holds data: the disk stays sparse
+            piece = data[at : at + (1 << 16)]
+            if piece.count(0) != len(piece):
+                f.seek(ESP_START + at)
+                f.write(piece)
+
+
+def _esp(work: Path, kernel: Path, initrd: Path) -> Path:
+    """The EFI system partition's file system, made in a file."""
+    esp = work / "esp.img"
+    with esp.open("wb") as f:
+        f.truncate(ESP_SIZE)
+    _run(["mkfs.fat", "-F", "16", "-n", "ESP", str(esp)])
+    (work / "syslinux.cfg").write_text(EXTLINUX_CONF)
+    mtools = {"MTOOLS_SKIP_CHECK": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    _run(["mmd", "-i", str(esp), "::/EFI", "::/EFI/BOOT"], env=mtools)
+    files = {
+        SYSLINUX_EFI: "::/EFI/BOOT/BOOTX64.EFI",
+        LDLINUX_E64: "::/EFI/BOOT/ldlinux.e64",
+        work / "syslinux.cfg": "::/EFI/BOOT/syslinux.cfg",
+        kernel: "::/vmlinuz",
+        initrd: "::/initrd.img",
+    }
+    for source, target in files.items():
+        _run(["mcopy", "-i", str(esp), str(source), target], env=mtools)
+    return esp
 
 
 def initramfs(modules: Path) -> bytes:
@@ -304,8 +349,8 @@ def _pad4(data: bytes) -> bytes:
     return data + bytes(-len(data) % 4)
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+def _run(argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise BootkitError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout

@@ -22,7 +22,7 @@ from mountkit import free_port, nbd_server
 
 import bootkit
 from dingyuan.errors import ExportError, UsageError
-from dingyuan.recovery.vm import Network, Vm, VmSpec
+from dingyuan.recovery.vm import Firmware, Network, Vm, VmSpec
 
 #: the budget for the ready marker under software emulation (it takes a few seconds)
 READY_BUDGET = 180.0
@@ -83,13 +83,17 @@ def test_boots_from_a_read_only_nbd_export(boot_image: Path, run_dir: Path) -> N
     assert boot_image.read_bytes() == before
 
 
-def test_boots_from_a_writable_nbd_export_and_its_writes_land_there(disk: Path, run_dir: Path) -> None:
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_boots_from_a_writable_nbd_export_and_its_writes_land_there(
+    disk: Path, run_dir: Path, firmware: Firmware
+) -> None:
     with nbd_server(disk) as uri:
-        vm = Vm.start(VmSpec("nbd-rw", uri, memory_mib=256), run_dir)
+        vm = Vm.start(VmSpec("nbd-rw", uri, memory_mib=256, firmware=firmware), run_dir)
         ready = vm.wait_for_serial(bootkit.READY, READY_BUDGET)
-        print(f"writable NBD export: ready marker after {ready:.1f} s ({vm.accel})")
+        print(f"writable NBD export, {firmware}: ready marker after {ready:.1f} s ({vm.accel})")
         vm.wait_for_serial(bootkit.WRITE_OK, 30)
         assert wait_exit(vm) == 0
+    assert (run_dir / "efivars.fd").exists() == (firmware == "uefi")  # UEFI variables of its own
     assert bootkit.written_marker(disk) == bootkit.WROTE.encode()
 
 
@@ -146,7 +150,7 @@ def test_load_finds_a_vm_started_by_another_process(disk: Path, run_dir: Path) -
     starter = textwrap.dedent(
         f"""
         from pathlib import Path
-        from dingyuan.recovery.vm import Network, Vm, VmSpec
+        from dingyuan.recovery.vm import Firmware, Network, Vm, VmSpec
         Vm.start(VmSpec("elsewhere", {str(disk)!r}, memory_mib=256), Path({str(run_dir)!r}))
         """
     )
