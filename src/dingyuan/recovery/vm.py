@@ -40,7 +40,7 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +64,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 _MAX_SOCKET_PATH = 107
 _TERMINAL_CODES = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: how much of the serial console's text already read wait_for_serial searches again
+_SERIAL_WINDOW = 64 << 10
 #: how long after a QMP 'quit' (or SIGKILL) qemu gets to be gone
 _QUIT_WAIT = 10.0
 #: runs the VM's command ("$@") and records its exit status in $1 when it exits
@@ -207,7 +209,6 @@ class Vm:
     started_at: float
     accel: Accel
     probe_host_port: int | None = None
-    version: int = field(default=VM_STATE_VERSION)
 
     @property
     def serial_log(self) -> Path:
@@ -297,7 +298,7 @@ class Vm:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": self.version,
+            "version": VM_STATE_VERSION,
             "spec": self.spec.to_json(),
             "pid": self.pid,
             "pid_start": self.pid_start,
@@ -317,9 +318,9 @@ class Vm:
 
     @property
     def exit_status(self) -> int | None:
-        """qemu's exit status once it exited (0: the guest powered off; 1: qemu failed), minus
-        the signal number when a signal ended it; None while it runs or when it was killed with
-        its wrapper (see :meth:`stop`)."""
+        """qemu's exit status once it exited (0: the guest powered off, or qemu was told to quit;
+        1: qemu failed), minus the signal number when a signal ended it; None while it runs or
+        when it was killed with its wrapper (the last resort of :meth:`stop`)."""
         try:
             status = int((self.run_dir / "exit-status").read_text())
         except (OSError, ValueError):
@@ -332,9 +333,13 @@ class Vm:
         lines when ``timeout`` passes first, or when qemu exits without printing it."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        seen, window = 0, ""
         while True:
             running = self.alive()
-            if regex.search(self._serial_text()):
+            new, seen = self._serial_since(seen)
+            # the lines read before, kept as far back as a marker can reach across two reads
+            window = window[-_SERIAL_WINDOW:] + new
+            if regex.search(window):
                 return time.time() - self.started_at
             if not running:
                 raise ExportError(
@@ -373,12 +378,16 @@ class Vm:
     @staticmethod
     def _probe(port: int) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                return s.recv(1) != b""
-        except TimeoutError:
-            return True  # connected, and the guest keeps the connection open
+            s = socket.create_connection(("127.0.0.1", port), timeout=1.0)
         except OSError:
             return False
+        with s:
+            try:
+                return s.recv(1) != b""
+            except TimeoutError:
+                return True  # connected, and the guest keeps the connection open
+            except OSError:
+                return False
 
     # stopping -------------------------------------------------------------------------------
     def stop(self, timeout: float = 60.0) -> None:
@@ -430,11 +439,15 @@ class Vm:
                 raise ExportError(f"qemu did not start the VM {self.spec.name} within {timeout:g} s")
             time.sleep(0.1)
 
-    def _serial_text(self) -> str:
+    def _serial_since(self, offset: int) -> tuple[str, int]:
+        """What the console printed from byte ``offset`` on, and where that ends."""
         try:
-            return self.serial_log.read_bytes().decode(errors="replace")
+            with self.serial_log.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
         except FileNotFoundError:
-            return ""
+            return "", offset
+        return data.decode(errors="replace"), offset + len(data)
 
     def _diagnostics(self) -> str:
         text = f"console (last lines): {_tail(self.serial_log)}"
