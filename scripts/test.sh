@@ -21,6 +21,7 @@ TEST_DEBS=(
     ntfs-3g fdisk psmisc  # mounting exports: mkntfs, ntfs-3g and ntfsfix; sfdisk; fuser
     postgresql postgresql-client postgresql-contrib  # the server, pgbench, amcheck
     mariadb-server mariadb-client  # mariadbd and mariadb-install-db: tests run private servers
+    qemu-system-x86 seabios ovmf extlinux syslinux-common syslinux-efi dosfstools mtools busybox-static linux-image-cloud-amd64 libvirt-clients libxml2-utils  # VM boots of a test system (BIOS and UEFI); virt-xml-validate (and its xmllint)
 )
 
 stop_new_mariadb_service() {
