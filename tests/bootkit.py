@@ -26,7 +26,8 @@ What the guest does (``/init``), all on the serial console ``ttyS0``:
    ``WRITE_OK`` (or ``WRITE_FAILED`` on a read-only disk), so a test can see that the VM's writes
    land where it booted from;
 4. with a network card: configures qemu's user network (10.0.2.15, gateway 10.0.2.2), serves
-   ``PROBE_REPLY`` over HTTP on :data:`GUEST_HTTP_PORT` (a health probe's target), and, when the
+   ``PROBE_REPLY`` over HTTP on :data:`GUEST_HTTP_PORT` and ``BANNER`` to every connection on
+   :data:`GUEST_BANNER_PORT` (targets for a health probe), and, when the
    settings sector asks, tries to reach ``10.0.2.2:PORT`` (the host's loopback through qemu) and
    prints ``NET_REACHED`` or ``NET_BLOCKED``;
 5. waits ``linger`` seconds if the settings say so, then powers off (``poweroff -f``).
@@ -62,6 +63,8 @@ SETTINGS_OFFSET = 56 * MIB
 #: the sector the guest writes :data:`WROTE` into
 WRITE_OFFSET = 60 * MIB
 GUEST_HTTP_PORT = 80
+#: where the guest greets every connection with :data:`BANNER` (as an SSH server would)
+GUEST_BANNER_PORT = 22
 
 # what the guest prints on the serial console (and writes to its disk)
 READY = "DINGYUAN-READY"
@@ -71,6 +74,7 @@ WRITE_FAILED = "DINGYUAN-WRITE-FAILED"
 NET_REACHED = "DINGYUAN-NET-REACHED"
 NET_BLOCKED = "DINGYUAN-NET-BLOCKED"
 PROBE_REPLY = "DINGYUAN-PROBE"
+BANNER = "DINGYUAN-BANNER"
 
 MBR_BIN = Path("/usr/lib/EXTLINUX/mbr.bin")
 SYSLINUX_EFI = Path("/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi")
@@ -125,6 +129,7 @@ if [ -e /sys/class/net/eth0 ]; then
     ip addr add 10.0.2.15/24 dev eth0
     ip route add default via 10.0.2.2
     httpd -p {GUEST_HTTP_PORT} -h /www
+    nc -ll -p {GUEST_BANNER_PORT} -e echo {BANNER} &
     port=$(setting reach)
     if [ -n "$port" ]; then
         if echo from-guest | nc -w 3 10.0.2.2 "$port"; then echo {NET_REACHED}; else echo {NET_BLOCKED}; fi

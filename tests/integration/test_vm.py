@@ -167,24 +167,27 @@ class Listener:
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)  # so the thread sees close() soon
         self.port: int = self.sock.getsockname()[1]
         self.received: list[bytes] = []
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self.closing.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             with conn:
                 conn.settimeout(5)
                 self.received.append(conn.recv(100))
 
     def close(self) -> None:
-        self.sock.close()
+        self.closing.set()
         self.thread.join(5)
+        self.sock.close()
 
 
 def http_get(port: int) -> bytes:
@@ -207,7 +210,7 @@ def test_the_probe_port_answers_and_only_a_user_network_reaches_out(
         spec = VmSpec("net", str(disk), memory_mib=256, network=network, probe_port=bootkit.GUEST_HTTP_PORT)
         vm = Vm.start(spec, run_dir)
         vm.wait_for_serial(outcome, READY_BUDGET)
-        probed = vm.wait_for_tcp(60)
+        probed = vm.wait_for_tcp(60, send=b"GET / HTTP/1.0\r\n\r\n")
         print(f"{network} network: probe port answered after {probed:.1f} s")
         assert vm.probe_host_port is not None
         assert bootkit.PROBE_REPLY.encode() in http_get(vm.probe_host_port)
@@ -217,12 +220,22 @@ def test_the_probe_port_answers_and_only_a_user_network_reaches_out(
     assert listener.received == ([] if network == "isolated" else [b"from-guest\n"])
 
 
+def test_wait_for_tcp_waits_for_a_greeting(disk: Path, run_dir: Path) -> None:
+    bootkit.write_settings(disk, linger=600)
+    vm = Vm.start(VmSpec("banner", str(disk), memory_mib=256, probe_port=bootkit.GUEST_BANNER_PORT), run_dir)
+    vm.wait_for_tcp(READY_BUDGET)
+    assert vm.probe_host_port is not None
+    with socket.create_connection(("127.0.0.1", vm.probe_host_port), timeout=10) as s:
+        assert s.recv(100).startswith(bootkit.BANNER.encode())
+    vm.stop(timeout=1)
+
+
 def test_wait_for_tcp_does_not_take_qemus_forwarder_for_the_guest(disk: Path, run_dir: Path) -> None:
     """qemu accepts a forwarded connection even when nothing listens in the guest."""
     bootkit.write_settings(disk, linger=600)
     spec = VmSpec("no-listener", str(disk), memory_mib=256, probe_port=4444)
     vm = Vm.start(spec, run_dir)
     vm.wait_for_serial(bootkit.WRITE_OK, READY_BUDGET)
-    with pytest.raises(ExportError, match="did not answer within 3 s"):
-        vm.wait_for_tcp(3)
+    with pytest.raises(ExportError, match="did not answer within 6 s"):
+        vm.wait_for_tcp(6, send=b"GET / HTTP/1.0\r\n\r\n")
     vm.stop(timeout=1)

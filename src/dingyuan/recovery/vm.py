@@ -353,18 +353,19 @@ class Vm:
                 )
             time.sleep(0.1)
 
-    def wait_for_tcp(self, timeout: float) -> float:
-        """Wait until the guest accepts a connection on its probe port; returns the seconds from
-        the VM's start to then.
+    def wait_for_tcp(self, timeout: float, send: bytes = b"") -> float:
+        """Wait until the guest's service on the probe port answers: it sends at least a byte,
+        after ``send`` when given (a service that waits for its client, such as HTTP, needs a
+        request; one that greets, such as SSH, needs none). Returns the seconds from the VM's
+        start to then.
 
-        qemu's user network accepts every connection to a forwarded port at once and closes it
-        when the guest refuses, so a connection counts only when it is not closed straight away:
-        the guest sent something, or kept it open for a second."""
+        A connection alone proves nothing: qemu's user network accepts every connection to a
+        forwarded port at once, and holds it open while the guest does not answer at all."""
         if self.probe_host_port is None:
             raise UsageError(f"VM {self.spec.name} has no probe port")
         deadline = time.monotonic() + timeout
         while True:
-            if self._probe(self.probe_host_port):
+            if self._probe(self.probe_host_port, send):
                 return time.time() - self.started_at
             if not self.alive():
                 raise ExportError(f"VM {self.spec.name} stopped before its probe port answered")
@@ -376,18 +377,13 @@ class Vm:
             time.sleep(0.2)
 
     @staticmethod
-    def _probe(port: int) -> bool:
+    def _probe(port: int, send: bytes) -> bool:
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=1.0)
-        except OSError:
-            return False
-        with s:
-            try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+                s.sendall(send)
                 return s.recv(1) != b""
-            except TimeoutError:
-                return True  # connected, and the guest keeps the connection open
-            except OSError:
-                return False
+        except OSError:  # refused, reset, closed or silent (TimeoutError)
+            return False
 
     # stopping -------------------------------------------------------------------------------
     def stop(self, timeout: float = 60.0) -> None:
