@@ -147,6 +147,13 @@ class Vault(_Process):
         assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
         return r.json() if r.content else None
 
+    def dy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``dingyuan ARGS`` pointed at this vault (the CLI's export, clone, boot ... commands)."""
+        done = cli(*args, env=self.cli_env, check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"dingyuan {' '.join(args)} exited {done.returncode}: {done.stderr}")
+        return done
+
     def policy(self, name: str, **settings: Any) -> None:
         self.call("POST", "/policies", json={"name": name, **settings})
 

@@ -13,55 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from drillkit import MORE, ROWS, Images, copy_while_frozen, garble, make_pg_images
 from fskit import loop_mount, make_fs, needs_root, sh
 
 from dingyuan.errors import UsageError
 from dingyuan.recovery.dbdrill import DataDir, drill, find_data_dirs
 from mariakit import MariaServer, have_mariadb
-from pgkit import PgCluster, PgServer, server_bindir
+from pgkit import PgCluster
 
 pytestmark = needs_root
 
-ROWS = 1000  # committed before the last checkpoint
-MORE = 500  # committed after it: in the WAL / redo log only, in the crash-consistent copy
-
-
-@dataclass
-class Images:
-    clean: Path
-    crash: Path
-    #: the data directory, relative to the filesystem's root
-    data: str
-    #: a data file of the rows' table, relative to the data directory
-    table_file: str
-
 
 @pytest.fixture(scope="module")
-def base() -> Iterator[Path]:
-    """A directory the postgres user can traverse (pytest's own are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="dingyuan-drill-test-"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def copy_while_frozen(mountpoint: Path, image: Path, dest: Path) -> None:
-    """Copy the image of a mounted filesystem as a snapshot would hold it: frozen (every
-    completed write on disk, none in progress), the server running on."""
-    sh("fsfreeze", "-f", mountpoint)
-    try:
-        sh("cp", "--sparse=always", image, dest)
-    finally:
-        sh("fsfreeze", "-u", mountpoint)
+def base(traversable_tmp: Path) -> Path:
+    return traversable_tmp
 
 
 @contextlib.contextmanager
@@ -88,46 +59,10 @@ def processes_in(path: Path) -> list[str]:
     return found
 
 
-def garble(path: Path, length: int) -> None:
-    """Overwrite the first ``length`` bytes of ``path`` with random bytes."""
-    with open(path, "r+b") as f:
-        f.write(random.Random(3).randbytes(length))
-
-
 # PostgreSQL -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pg(base: Path) -> Images:
-    import psycopg
-
-    bindir = server_bindir()
-    if bindir is None:
-        pytest.skip("needs the PostgreSQL server (Debian package postgresql)")
-    image = base / "pg.img"
-    make_fs(image, 128 << 20, "ext4")
-    data = f"var/lib/postgresql/{bindir.parent.name}/main"
-    with loop_mount(image, base / "pg-src"):
-        server = PgServer(bindir, base / "pg-src" / data, base / "pg-sock", base / "pg.log")
-        server.initdb("--wal-segsize=1")
-        server.start()
-        try:
-            with psycopg.connect(server.conninfo(), autocommit=True) as conn:
-                conn.execute("CREATE TABLE items (id int PRIMARY KEY, payload text NOT NULL)")
-                conn.execute(
-                    "INSERT INTO items SELECT i, repeat('x', 100) FROM generate_series(1, %s::int) i", (ROWS,)
-                )
-                conn.execute("CHECKPOINT")
-                conn.execute(
-                    "INSERT INTO items SELECT i, 'after' FROM generate_series(%s::int, %s::int) i",
-                    (ROWS + 1, ROWS + MORE),
-                )
-                row = conn.execute("SELECT pg_relation_filepath('items')").fetchone()
-                assert row is not None
-                table_file = str(row[0])
-            copy_while_frozen(base / "pg-src", image, base / "pg-crash.img")
-        finally:
-            server.stop()
-    shutil.move(image, base / "pg-clean.img")
-    return Images(base / "pg-clean.img", base / "pg-crash.img", data, table_file)
+    return make_pg_images(base)
 
 
 def test_postgresql_clean_copy_passes_and_answers(pg: Images, base: Path) -> None:

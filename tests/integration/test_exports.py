@@ -31,10 +31,7 @@ class Setup:
     ntfs: Disk
 
     def dy(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = cli(*args, env=self.vault.cli_env, check=False)
-        if check and done.returncode != 0:
-            raise AssertionError(f"dingyuan {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
+        return self.vault.dy(*args, check=check)
 
     def export(self, ref: str, *more: str) -> dict[str, object]:
         doc: dict[str, object] = json.loads(self.dy("export", "start", ref, *more, "--json").stdout)

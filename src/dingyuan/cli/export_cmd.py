@@ -10,16 +10,7 @@ import click
 from rich.table import Table
 
 from .common import emit_json, human_bytes, json_option, out_console
-from .remote import vault_client, vault_option
-
-
-def _call(vault_dir: Path, method: str, path: str, **kw: Any) -> Any:
-    client = vault_client(vault_dir)
-    try:
-        r = client.call(method, path, **kw)
-        return r.json() if r.content else None
-    finally:
-        client.close()
+from .remote import api_call, vault_option
 
 
 def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -34,12 +25,12 @@ def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def start_export(vault_dir: Path, ref: str, writable: bool, allow: tuple[str, ...]) -> dict[str, Any]:
     """Export a clone (by name or id) or else a snapshot; the API's answer, and ``new_clone``."""
     body: dict[str, Any] = {"writable": writable, "allowed_clients": list(allow) or None}
-    clones = {c["name"]: c for c in _call(vault_dir, "GET", "/clones")}
+    clones = {c["name"]: c for c in api_call(vault_dir, "GET", "/clones")}
     if ref in clones or any(c["id"].startswith(ref) for c in clones.values()):
         body["clone"] = ref
     else:
         body["snapshot"] = ref
-    doc: dict[str, Any] = _call(vault_dir, "POST", "/exports", json=body)
+    doc: dict[str, Any] = api_call(vault_dir, "POST", "/exports", json=body)
     doc["new_clone"] = writable and "snapshot" in body  # the vault made a clone for it
     return doc
 
@@ -88,7 +79,7 @@ def export_start(ref: str, writable: bool, allow: tuple[str, ...], vault_dir: Pa
 @json_option
 def export_list(vault_dir: Path, as_json: bool) -> None:
     """List the vault's exports."""
-    docs = _call(vault_dir, "GET", "/exports")
+    docs = api_call(vault_dir, "GET", "/exports")
     if as_json:
         emit_json(docs)
         return
@@ -114,7 +105,7 @@ def export_list(vault_dir: Path, as_json: bool) -> None:
 def export_stop(export_ids: tuple[int, ...], vault_dir: Path) -> None:
     """Stop exports (their clients are disconnected; a clone stays)."""
     for i in export_ids:
-        _call(vault_dir, "DELETE", f"/exports/{i}")
+        api_call(vault_dir, "DELETE", f"/exports/{i}")
         click.echo(f"stopped export {i}")
 
 
@@ -130,7 +121,7 @@ def clone() -> None:
 @json_option
 def clone_create(snapshot: str, name: str | None, vault_dir: Path, as_json: bool) -> None:
     """Make a clone of SNAPSHOT (an id, a unique prefix or VOLUME@latest)."""
-    doc = _call(vault_dir, "POST", "/clones", json={"snapshot": snapshot, "name": name})
+    doc = api_call(vault_dir, "POST", "/clones", json={"snapshot": snapshot, "name": name})
     if as_json:
         emit_json(doc)
     else:
@@ -142,7 +133,7 @@ def clone_create(snapshot: str, name: str | None, vault_dir: Path, as_json: bool
 @json_option
 def clone_list(vault_dir: Path, as_json: bool) -> None:
     """List the clones."""
-    docs = _call(vault_dir, "GET", "/clones")
+    docs = api_call(vault_dir, "GET", "/clones")
     if as_json:
         emit_json(docs)
         return
@@ -170,7 +161,7 @@ def clone_list(vault_dir: Path, as_json: bool) -> None:
 @json_option
 def clone_snapshot(ref: str, vault_dir: Path, as_json: bool) -> None:
     """Take a snapshot of a clone's current contents (its volume is the clone's name)."""
-    doc = _call(vault_dir, "POST", f"/clones/{ref}/snapshot")
+    doc = api_call(vault_dir, "POST", f"/clones/{ref}/snapshot")
     if as_json:
         emit_json(doc)
     else:
@@ -185,7 +176,7 @@ def clone_snapshot(ref: str, vault_dir: Path, as_json: bool) -> None:
 @json_option
 def clone_promote(ref: str, volume: str, host: str | None, vault_dir: Path, as_json: bool) -> None:
     """Make a clone a volume of its own: snapshot it under VOLUME, then delete the clone."""
-    doc = _call(vault_dir, "POST", f"/clones/{ref}/promote", json={"volume": volume, "host": host})
+    doc = api_call(vault_dir, "POST", f"/clones/{ref}/promote", json={"volume": volume, "host": host})
     if as_json:
         emit_json(doc)
     else:
@@ -198,5 +189,5 @@ def clone_promote(ref: str, volume: str, host: str | None, vault_dir: Path, as_j
 def clone_delete(refs: tuple[str, ...], vault_dir: Path) -> None:
     """Delete clones and what was written to them (refused while exported)."""
     for ref in refs:
-        _call(vault_dir, "DELETE", f"/clones/{ref}")
+        api_call(vault_dir, "DELETE", f"/clones/{ref}")
         click.echo(f"deleted clone {ref}")

@@ -35,6 +35,9 @@ COMMANDS = {
     "mount": "mount_cmd:mount",
     "umount": "mount_cmd:umount",
     "restore-files": "mount_cmd:restore_files",
+    "convert": "recovery_cmd:convert",
+    "boot": "recovery_cmd:boot",
+    "drill": "recovery_cmd:drill",
 }
 
 

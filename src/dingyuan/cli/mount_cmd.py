@@ -12,8 +12,8 @@ import click
 
 from ..errors import DingyuanError
 from .common import F, emit_json, json_option
-from .export_cmd import _call, start_export
-from .remote import vault_option
+from .export_cmd import start_export
+from .remote import api_call, vault_option
 
 DEFAULT_RUN_DIR = "/run/dingyuan"
 
@@ -51,9 +51,9 @@ def mount(ref: str, target: Path, partition: int | None, rw: bool, vault_dir: Pa
             export["uri"], target, partition=partition, writable=rw, state_dir=state_dir(), owner=export["id"]
         )
     except BaseException:
-        _call(vault_dir, "DELETE", f"/exports/{export['id']}")
+        api_call(vault_dir, "DELETE", f"/exports/{export['id']}")
         if export["new_clone"]:
-            _call(vault_dir, "DELETE", f"/clones/{export['target']}")
+            api_call(vault_dir, "DELETE", f"/clones/{export['target']}")
         raise
     doc = {
         "target": str(info.target),
@@ -87,7 +87,7 @@ def umount(target: Path, vault_dir: Path) -> None:
     if info is None:
         raise DingyuanError(f"dingyuan has nothing mounted on {target}")
     if info.owner is not None:
-        _call(vault_dir, "DELETE", f"/exports/{info.owner}")
+        api_call(vault_dir, "DELETE", f"/exports/{info.owner}")
     click.echo(f"unmounted {info.target}")
 
 
@@ -111,6 +111,6 @@ def restore_files(ref: str, paths: tuple[str, ...], to: Path, partition: int | N
     try:
         restored = do_restore(export["uri"], list(paths), to, partition=partition, state_dir=state_dir())
     finally:
-        _call(vault_dir, "DELETE", f"/exports/{export['id']}")
+        api_call(vault_dir, "DELETE", f"/exports/{export['id']}")
     for p in restored:
         click.echo(f"restored {p}")

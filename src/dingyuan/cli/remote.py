@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -68,3 +69,12 @@ def vault_client(vault_dir: Path) -> VaultClient:
         raise UsageError("set DINGYUAN_TOKEN to an API token of the vault")
     assert url is not None
     return VaultClient(url, token, ca, user_agent="cli")
+
+
+def api_call(vault_dir: Path, method: str, path: str, **kw: Any) -> Any:
+    client = vault_client(vault_dir)
+    try:
+        r = client.call(method, path, **kw)
+        return r.json() if r.content else None
+    finally:
+        client.close()

@@ -1,6 +1,6 @@
 """Restoring single files and directories out of an exported disk.
 
-The export's filesystem is mounted read-only on a private directory (:func:`mounted_readonly`),
+The export's filesystem is mounted read-only on a private directory (:func:`~dingyuan.exports.mount.mounted`),
 each PATH is copied into the destination under its own relative path, and the filesystem is
 unmounted however the copy ends.
 
@@ -24,7 +24,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from ..errors import RestoreTargetError, SourceError, UsageError
-from .mount import mounted_readonly
+from .mount import mounted
 
 #: symlinks followed while resolving one PATH before it counts as a loop (as Linux's MAXSYMLINKS)
 MAX_SYMLINKS = 40
@@ -45,7 +45,7 @@ def restore_files(
             raise RestoreTargetError(
                 target=dest, detail=f"it exists (restoring {path}); choose an empty --to directory"
             )
-    with mounted_readonly(uri, partition=partition, state_dir=state_dir) as info:
+    with mounted(uri, partition=partition, state_dir=state_dir) as info:
         root = info.target
         sources = [_resolve(root, path, rel) for path, rel in zip(paths, relative, strict=True)]
         links: dict[tuple[int, int], Path] = {}

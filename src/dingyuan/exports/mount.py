@@ -238,13 +238,15 @@ def mounts(state_dir: Path) -> list[MountInfo]:
 
 
 @contextlib.contextmanager
-def mounted_readonly(uri: str, *, partition: int | None = None, state_dir: Path) -> Iterator[MountInfo]:
-    """A read-only mount of ``uri`` on a private temporary directory for the ``with`` block,
-    unmounted (and the directory removed) when it ends, however it ends."""
+def mounted(
+    uri: str, *, partition: int | None = None, writable: bool = False, state_dir: Path
+) -> Iterator[MountInfo]:
+    """A mount of ``uri`` (read-only unless ``writable``) on a private temporary directory for
+    the ``with`` block, unmounted (and the directory removed) when it ends, however it ends."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix="ro-", dir=state_dir))
+    target = Path(tempfile.mkdtemp(prefix="rw-" if writable else "ro-", dir=state_dir))
     try:
-        info = mount(uri, target, partition=partition, state_dir=state_dir)
+        info = mount(uri, target, partition=partition, writable=writable, state_dir=state_dir)
         try:
             yield info
         finally:

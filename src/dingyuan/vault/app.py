@@ -58,6 +58,7 @@ from ..protocol import MAX_UPLOAD_BYTES
 from .api import (
     agent,
     audit,
+    boots,
     clones,
     enroll,
     exports,
@@ -91,6 +92,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tokens.router,
     clones.router,
     exports.router,
+    boots.router,
     audit.router,
 )
 log = logging.getLogger(__name__)

@@ -73,11 +73,12 @@ class JobKind(StrEnum):
     BACKUP = "backup"
     RETENTION = "retention"
     GC = "gc"
+    DRILL = "drill"
 
 
 #: Jobs an agent runs (they send heartbeats and expire without them) and jobs the vault runs itself.
 AGENT_KINDS = (JobKind.BACKUP,)
-VAULT_KINDS = (JobKind.RETENTION, JobKind.GC)
+VAULT_KINDS = (JobKind.RETENTION, JobKind.GC, JobKind.DRILL)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -353,7 +354,7 @@ def _pk(obj: Volume | Policy) -> int:
     return int(identity[0])
 
 
-class _VaultJob:
+class VaultJob:
     """A job row for work the vault does in this call: committed ``running`` at the start, so
     status shows it, then ended with the outcome. ``finished`` is ``now`` plus the time taken."""
 
@@ -415,7 +416,7 @@ def apply_retention(
         pol = s.get_one(Policy, policy_id)
         host_name, volume_name = s.get_one(Host, vol.host_id).name, vol.name
         policy_name, retention = pol.name, dict(pol.retention)
-    job = _VaultJob(engine, JobKind.RETENTION, now, volume_id, {"policy": policy_name})
+    job = VaultJob(engine, JobKind.RETENTION, now, volume_id, {"policy": policy_name})
     result = RetentionResult(job.id)
     try:
         keep = keep_policy(policy_name, retention)
@@ -507,7 +508,7 @@ def run_gc(repo: Repository, engine: Engine, now: datetime | None = None) -> GcR
     one, the job ends ``skipped`` with the reason and this returns normally: run it again later.
     Other errors end the job ``failed`` and are raised.
     """
-    job = _VaultJob(engine, JobKind.GC, now or utcnow(), None, {})
+    job = VaultJob(engine, JobKind.GC, now or utcnow(), None, {})
     try:
         report = gc(repo).as_dict()
     except LockedError as e:

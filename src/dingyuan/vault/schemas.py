@@ -421,3 +421,71 @@ class ExportOut(Response):
     uri: str
     created: datetime
     created_by: str
+
+
+# boots and drills -----------------------------------------------------------------------------
+class VmSettings(Request):
+    memory_mib: int = Field(default=1024, ge=64, le=1 << 20)
+    cpus: int = Field(default=1, ge=1, le=256)
+    network: Literal["isolated", "user", "bridge"] = "isolated"
+    bridge: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+    firmware: Literal["bios", "uefi"] = "bios"
+    vnc: bool = True
+
+
+class BootCreate(VmSettings):
+    """Boot a snapshot (through a new clone: the snapshot is never written) or a clone."""
+
+    snapshot: SnapshotRef | None = None
+    clone: Name | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BootCreate:
+        if (self.snapshot is None) == (self.clone is None):
+            raise ValueError("give exactly one of snapshot and clone")
+        if (self.network == "bridge") != (self.bridge is not None):
+            raise ValueError("a bridge goes with network 'bridge', and only with it")
+        return self
+
+
+class BootOut(Response):
+    id: str
+    snapshot: str
+    clone: str
+    export: int
+    running: bool
+    accelerator: str | None
+    memory_mib: int | None
+    cpus: int | None
+    network: str | None
+    firmware: str | None
+    serial_log: str | None  # on the vault's machine
+    vnc_socket: str | None  # on the vault's machine (a unix socket: `vncviewer` via ssh -L)
+    created: datetime
+    created_by: str
+
+
+class BootPromote(Request):
+    volume: Name
+    host: Name | None = None
+
+
+class DrillCreate(Request):
+    """A recovery drill: ``boot`` waits for a console ``pattern`` (literal text) or for the
+    guest's service on TCP ``port`` to send something (a greeting service: SSH, SMTP, a database);
+    ``postgresql`` and ``mariadb`` start the database found on the snapshot and query it."""
+
+    snapshot: SnapshotRef
+    kind: Literal["boot", "postgresql", "mariadb"]
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    timeout_seconds: int = Field(default=300, ge=5, le=3600)
+    memory_mib: int = Field(default=1024, ge=64, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _probe(self) -> DrillCreate:
+        if self.kind == "boot" and (self.pattern is None) == (self.port is None):
+            raise ValueError("a boot drill needs exactly one probe: pattern (console) or port (TCP)")
+        if self.kind != "boot" and (self.pattern is not None or self.port is not None):
+            raise ValueError("pattern and port are probes of boot drills only")
+        return self

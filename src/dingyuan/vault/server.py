@@ -37,6 +37,8 @@ from fastapi import APIRouter
 from ..errors import ListenError, UsageError, VaultError
 from .app import API_PREFIX, create_app
 from .auth import ANONYMOUS, record_event
+from .boots import EXTRA as BOOTS
+from .boots import BootService
 from .config import VaultConfig
 from .context import VaultContext
 from .exports import EXTRA as EXPORTS
@@ -302,11 +304,13 @@ class VaultServer:
             if self.nbd_listen is not None:
                 exports = self.ctx.extras[EXPORTS] = ExportService(self.ctx, *parse_listen(self.nbd_listen))
                 exports.start()
+                self.ctx.extras[BOOTS] = BootService(exports)
             self._server.run()
         finally:
             if exports:
                 exports.stop()
                 del self.ctx.extras[EXPORTS]
+                self.ctx.extras.pop(BOOTS, None)
             if keeper:
                 keeper.stop()
             for s, handler in previous.items():

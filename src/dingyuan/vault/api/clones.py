@@ -43,7 +43,7 @@ def clone_out(svc: ExportService, session: Session, clone: CloneInfo) -> CloneOu
     )
 
 
-def _indexed(session: Session, snap: Snapshot) -> SnapshotOut:
+def indexed_snapshot(session: Session, snap: Snapshot) -> SnapshotOut:
     row = index_snapshot(session, snap)
     vol = session.get(Volume, row.volume_id)
     assert vol is not None  # index_snapshot made it
@@ -88,7 +88,7 @@ def snapshot_clone(
     with ctx.repo_lock:
         snap = svc.clones.snapshot(clone)
     audit(session, request, principal, target=f"clone:{clone.id}", detail={"snapshot": snap.id})
-    return _indexed(session, snap)
+    return indexed_snapshot(session, snap)
 
 
 @router.post("/clones/{ref}/promote", status_code=201)
@@ -113,7 +113,7 @@ def promote_clone(
         target=f"clone:{clone.id}",
         detail={"snapshot": snap.id, "volume": body.volume},
     )
-    return _indexed(session, snap)
+    return indexed_snapshot(session, snap)
 
 
 @router.delete("/clones/{ref}", status_code=204)
