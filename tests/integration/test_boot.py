@@ -25,7 +25,7 @@ import bootkit
 
 pytestmark = [needs_mount_tools, pytest.mark.slow]
 READY_BUDGET = 180.0  # seconds to the ready marker under software emulation (the issue's budget)
-VOLUMES = ("system", "web", "broken", "pg", "pgbad")
+VOLUMES = ("system", "web", "broken", "pg", "pgbad", "auto")
 
 
 @dataclass
@@ -62,9 +62,18 @@ def site(tmp_path_factory: pytest.TempPathFactory, traversable_tmp: Path) -> Ite
     agent = Agent(root, vault, "srv1")
     try:
         vault.policy("daily", schedule="interval", interval_seconds=86400)
-        sources = {"system": system, "web": web, "broken": broken, "pg": pg.crash, "pgbad": pgbad}
+        drill = {"kind": "boot", "pattern": bootkit.READY, "timeout_seconds": 120, "memory_mib": 512}
+        vault.policy("drilled", schedule="interval", interval_seconds=86400, drill=drill)
+        sources = {
+            "system": system,
+            "web": web,
+            "broken": broken,
+            "pg": pg.crash,
+            "pgbad": pgbad,
+            "auto": system,
+        }
         for volume in VOLUMES:
-            vault.protect("srv1", volume, sources[volume], "daily")
+            vault.protect("srv1", volume, sources[volume], "drilled" if volume == "auto" else "daily")
         agent.start()
         wait_for("a snapshot of every volume", lambda: all(vault.snapshots("srv1", v) for v in VOLUMES), 300)
         agent.stop()  # nothing more to back up: the machine is the VMs' now
@@ -176,3 +185,16 @@ def test_database_drills_pass_a_good_snapshot_and_fail_a_corrupt_one(site: Site)
     status, verdict = _drill(site, "pgbad", "--database", "postgresql")
     assert status == 40 and verdict["result"] == "failed"
     assert "PG_CONTROL_VERSION" in verdict["detail"], verdict["detail"]  # the server says why
+
+
+def test_a_policy_drills_each_new_snapshot(site: Site) -> None:
+    def verdict() -> dict[str, Any] | None:
+        annotations = site.snapshot("auto")["annotations"]
+        return annotations.get("drill")  # type: ignore[no-any-return]
+
+    got = wait_for("the policy's drill of the new snapshot", verdict, 300, 1.0)
+    assert got["result"] == "passed" and got["kind"] == "boot", got
+    jobs = site.vault.call("GET", "/jobs", params={"limit": 1000})
+    assert any(
+        j["kind"] == "drill" and j["details"].get("snapshot") == site.snapshot("auto")["id"] for j in jobs
+    )

@@ -134,7 +134,8 @@ class Policy(Base):
     ``retention`` holds keep-last / hourly / daily / weekly / monthly / yearly counts;
     ``lock_for_seconds`` makes new snapshots immutable for that long; ``bandwidth_limit`` caps an
     agent's upload in bytes per second; ``consistency`` and ``quiesce`` name how the agent takes
-    a point in time (crash-consistent by default).
+    a point in time (crash-consistent by default); ``drill`` is the recovery drill the vault runs
+    on each new snapshot (none by default).
     """
 
     __tablename__ = "policies"
@@ -159,6 +160,7 @@ class Policy(Base):
     bandwidth_limit: Mapped[int | None] = mapped_column(BigInteger)
     consistency: Mapped[str] = mapped_column(String(32), default="crash")
     quiesce: Mapped[str | None] = mapped_column(String(255))
+    drill: Mapped[dict[str, Any] | None]  # a recovery drill run on each new snapshot
 
 
 class Job(Base):

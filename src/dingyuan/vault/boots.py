@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from ..recovery.dbdrill import drill as database_drill
 from ..recovery.vm import Vm, VmSpec
 from ..repository.manifest import CloneInfo, Snapshot, fmt_time, utcnow
 from .exports import ExportService
+from .jobs import JobKind, JobState, VaultJob
 
 log = logging.getLogger(__name__)
 EXTRA = "boots"  # the service's key in VaultContext.extras
@@ -75,6 +78,7 @@ class BootService:
         self.exports = exports
         self.root = exports.ctx.cfg.dir / VMS_DIR
         self.root.mkdir(mode=0o700, exist_ok=True)
+        self._drill_lock = threading.Lock()
 
     # boots ------------------------------------------------------------------------------------
     def boot(
@@ -145,6 +149,38 @@ class BootService:
         return info
 
     # drills -----------------------------------------------------------------------------------
+    def start_drill(self, snapshot: Snapshot, volume_id: int | None, spec: dict[str, Any], actor: str) -> int:
+        """Run a drill (``spec``: a :class:`~dingyuan.vault.schemas.DrillSpec` as a dict) on
+        ``snapshot`` as a vault job in a thread of its own; returns the job's id. Drills run one
+        at a time: a VM under software emulation takes what the machine has."""
+        ctx = self.exports.ctx
+        job = VaultJob(
+            ctx.engine, JobKind.DRILL, utcnow(), volume_id, {"snapshot": snapshot.id, "kind": spec["kind"]}
+        )
+
+        def run() -> None:
+            try:
+                with self._drill_lock, Session(ctx.engine) as session, session.begin():
+                    verdict = self.drill(
+                        session,
+                        snapshot,
+                        spec["kind"],
+                        pattern=re.escape(spec["pattern"]) if spec.get("pattern") else None,
+                        probe_port=spec.get("port"),
+                        timeout=spec.get("timeout_seconds", 300),
+                        options=VmOptions(memory_mib=spec.get("memory_mib", 1024), vnc=False),
+                        actor=actor,
+                    )
+                job.end(JobState.SUCCEEDED, {"verdict": verdict})
+            except DingyuanError as e:
+                job.end(JobState.FAILED, {}, str(e))
+            except Exception as e:
+                log.exception("drill of snapshot %s failed", snapshot.id[:12])
+                job.end(JobState.FAILED, {}, f"{type(e).__name__}: {e}")
+
+        threading.Thread(target=run, name=f"drill-{job.id}", daemon=True).start()
+        return job.id
+
     def drill(
         self,
         session: Session,

@@ -176,6 +176,26 @@ class Retention(Request):
     keep_yearly: int | None = Field(default=None, ge=0, le=1_000_000)
 
 
+class DrillSpec(Request):
+    """A recovery drill: ``boot`` waits for a console ``pattern`` (literal text) or for the
+    guest's service on TCP ``port`` to send something (a greeting service: SSH, SMTP, a database);
+    ``postgresql`` and ``mariadb`` start the database found on the snapshot and query it."""
+
+    kind: Literal["boot", "postgresql", "mariadb"]
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    timeout_seconds: int = Field(default=300, ge=5, le=3600)
+    memory_mib: int = Field(default=1024, ge=64, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _probe(self) -> DrillSpec:
+        if self.kind == "boot" and (self.pattern is None) == (self.port is None):
+            raise ValueError("a boot drill needs exactly one probe: pattern (console) or port (TCP)")
+        if self.kind != "boot" and (self.pattern is not None or self.port is not None):
+            raise ValueError("pattern and port are probes of boot drills only")
+        return self
+
+
 class PolicySettings(Request):
     """Everything of a policy but its name (the body of a PATCH, all optional, is merged into it)."""
 
@@ -189,6 +209,7 @@ class PolicySettings(Request):
     bandwidth_limit: int | None = Field(default=None, ge=1, le=MAX_INT64, description="bytes per second")
     consistency: CONSISTENCY = "crash"
     quiesce: Quiesce | None = None
+    drill: DrillSpec | None = None
 
     @field_validator("cron")
     @classmethod
@@ -224,6 +245,7 @@ class PolicyPatch(Request):
     bandwidth_limit: int | None = Field(default=None, ge=1, le=MAX_INT64)
     consistency: CONSISTENCY | None = None
     quiesce: Quiesce | None = None
+    drill: DrillSpec | None = None
 
     @field_validator("cron")
     @classmethod
@@ -258,6 +280,7 @@ class PolicyOut(Response):
     bandwidth_limit: int | None
     consistency: str
     quiesce: str | None
+    drill: dict[str, Any] | None
 
 
 # snapshots ------------------------------------------------------------------------------------
@@ -470,22 +493,5 @@ class BootPromote(Request):
     host: Name | None = None
 
 
-class DrillCreate(Request):
-    """A recovery drill: ``boot`` waits for a console ``pattern`` (literal text) or for the
-    guest's service on TCP ``port`` to send something (a greeting service: SSH, SMTP, a database);
-    ``postgresql`` and ``mariadb`` start the database found on the snapshot and query it."""
-
+class DrillCreate(DrillSpec):
     snapshot: SnapshotRef
-    kind: Literal["boot", "postgresql", "mariadb"]
-    pattern: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    timeout_seconds: int = Field(default=300, ge=5, le=3600)
-    memory_mib: int = Field(default=1024, ge=64, le=1 << 20)
-
-    @model_validator(mode="after")
-    def _probe(self) -> DrillCreate:
-        if self.kind == "boot" and (self.pattern is None) == (self.port is None):
-            raise ValueError("a boot drill needs exactly one probe: pattern (console) or port (TCP)")
-        if self.kind != "boot" and (self.pattern is not None or self.port is not None):
-            raise ValueError("pattern and port are probes of boot drills only")
-        return self

@@ -3,22 +3,17 @@ operator; viewers list), and recovery drills whose verdict is recorded on the sn
 
 from __future__ import annotations
 
-import logging
-import re
-import threading
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
-from sqlalchemy.orm import Session
 
 from ...catalog.models import Job
-from ...errors import DingyuanError, ExportError
+from ...errors import ExportError
 from ...recovery.vm import Vm
-from ..auth import MANAGERS, READERS, ContextDep, Principal, SessionDep, audit, require, utcnow
+from ..auth import MANAGERS, READERS, ContextDep, Principal, SessionDep, audit, require
 from ..boots import EXTRA, BootInfo, BootService, VmOptions
 from ..context import VaultContext
-from ..jobs import JobKind, JobState, VaultJob
 from ..schemas import BootCreate, BootOut, BootPromote, DrillCreate, JobOut, SnapshotOut
 from . import ERRORS
 from .clones import indexed_snapshot
@@ -28,7 +23,6 @@ router = APIRouter(tags=["boots"], responses=ERRORS)
 Reader = Annotated[Principal, require(*READERS)]
 Manager = Annotated[Principal, require(*MANAGERS)]
 BootId = Annotated[str, Path(pattern=r"^[0-9a-f]{12}$")]
-log = logging.getLogger(__name__)
 
 
 def boots(ctx: VaultContext) -> BootService:
@@ -128,37 +122,9 @@ def start_drill(
     and in the job's details. Poll GET /jobs/{id}."""
     svc = boots(ctx)
     snap = ctx.repo.resolve(body.snapshot)
-    snapshot_id = snap.id
-    _, vol = snapshot_by_id(session, principal, snapshot_id)
-    job = VaultJob(ctx.engine, JobKind.DRILL, utcnow(), vol.id, {"snapshot": snapshot_id, "kind": body.kind})
-    actor = principal.actor
-
-    def run() -> None:
-        try:
-            with Session(ctx.engine) as s, s.begin():
-                verdict = svc.drill(
-                    s,
-                    snap,
-                    body.kind,
-                    pattern=re.escape(body.pattern) if body.pattern else None,
-                    probe_port=body.port,
-                    timeout=body.timeout_seconds,
-                    options=VmOptions(memory_mib=body.memory_mib, vnc=False),
-                    actor=actor,
-                )
-            job.end(JobState.SUCCEEDED, {"verdict": verdict})
-        except DingyuanError as e:
-            job.end(JobState.FAILED, {}, str(e))
-        except Exception as e:
-            log.exception("drill of snapshot %s failed", snapshot_id[:12])
-            job.end(JobState.FAILED, {}, f"{type(e).__name__}: {e}")
-
-    threading.Thread(target=run, name=f"drill-{job.id}", daemon=True).start()
+    _, vol = snapshot_by_id(session, principal, snap.id)
+    job_id = svc.start_drill(snap, vol.id, body.model_dump(exclude={"snapshot"}), principal.actor)
     audit(
-        session,
-        request,
-        principal,
-        target=f"snapshot:{snapshot_id}",
-        detail={"drill": body.kind, "job": job.id},
+        session, request, principal, target=f"snapshot:{snap.id}", detail={"drill": body.kind, "job": job_id}
     )
-    return JobOut.model_validate(session.get_one(Job, job.id))
+    return JobOut.model_validate(session.get_one(Job, job_id))

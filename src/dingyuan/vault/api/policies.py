@@ -29,7 +29,9 @@ def _settings(policy: Policy) -> dict[str, Any]:
 def _apply(policy: Policy, settings: PolicySettings) -> None:
     for name in PolicySettings.model_fields:
         value = getattr(settings, name)
-        setattr(policy, name, value.model_dump(exclude_none=True) if name == "retention" else value)
+        if name in ("retention", "drill") and value is not None:
+            value = value.model_dump(exclude_none=True)
+        setattr(policy, name, value)
 
 
 @router.get("/policies")

@@ -25,6 +25,8 @@ from ...protocol import MAX_IDS_PER_QUERY, MAX_UPLOAD_BYTES, parse_frames, split
 from ...repository.format import ID_LEN
 from ...repository.manifest import Snapshot as RepoSnapshot
 from ..auth import AGENT, ContextDep, Principal, SessionDep, audit, require
+from ..boots import EXTRA as BOOTS
+from ..boots import BootService
 from ..context import VaultContext
 from ..ingest import CommitInfo, Ingest, UploadSession
 from ..jobs import JobKind, apply_retention, finish_job, lock_new_snapshot
@@ -237,7 +239,8 @@ def record_snapshot(session: Session, snap: RepoSnapshot, s: UploadSession) -> i
 
 def apply_policy_after_commit(ctx: VaultContext, volume_id: int, snapshot_id: str) -> None:
     """After the answer went out: the policy's retention lock on the new snapshot, then its
-    retention for the volume. A failure is logged and recorded in a job; the snapshot stays."""
+    retention for the volume, then its drill (a job of its own). A failure is logged and recorded
+    in a job; the snapshot stays."""
     with Session(ctx.engine) as session:
         vol = session.get(Volume, volume_id)
         policy = session.get(Policy, vol.policy_id) if vol and vol.policy_id is not None else None
@@ -250,6 +253,14 @@ def apply_policy_after_commit(ctx: VaultContext, volume_id: int, snapshot_id: st
             apply_retention(ctx.repo, ctx.engine, vol, policy, now)
     except DingyuanError as e:
         log.error("policy %s after snapshot %s: %s", policy.name, snapshot_id, e)
+    boots = ctx.extras.get(BOOTS)
+    if policy.drill and isinstance(boots, BootService):
+        try:
+            boots.start_drill(
+                ctx.repo.read_snapshot(snapshot_id), volume_id, policy.drill, f"policy:{policy.name}"
+            )
+        except DingyuanError as e:  # forgotten meanwhile, or the drill cannot start
+            log.error("policy %s: no drill of snapshot %s: %s", policy.name, snapshot_id, e)
 
 
 @router.delete("/sessions/{sid}", status_code=204)
