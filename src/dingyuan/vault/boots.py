@@ -108,7 +108,7 @@ class BootService:
         try:
             run_dir.mkdir(mode=0o700)
             (run_dir / "boot.json").write_text(json.dumps(asdict(info)))
-            vm = Vm.start(self._spec(f"boot-{boot_id}", self.exports.uri(row), options), run_dir)
+            vm = Vm.start(self._spec(f"boot-{boot_id}", self.exports.local_uri(row), options), run_dir)
         except BaseException:
             self.exports.remove(session, row)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -240,7 +240,7 @@ class BootService:
         run_dir = Path(tempfile.mkdtemp(prefix="drill-", dir=self.root))
         vm = None
         try:
-            vm = Vm.start(self._spec(f"drill-{clone.id[:8]}", self.exports.uri(row), opts), run_dir)
+            vm = Vm.start(self._spec(f"drill-{clone.id[:8]}", self.exports.local_uri(row), opts), run_dir)
             if pattern is not None:
                 seconds = vm.wait_for_serial(pattern, timeout)
                 what = f"console showed {pattern!r}"
@@ -267,7 +267,7 @@ class BootService:
         state = Path(tempfile.mkdtemp(prefix="dingyuan-drill-"))
         state.chmod(0o711)
         try:
-            with mounted(self.exports.uri(row), writable=True, state_dir=state) as info:
+            with mounted(self.exports.local_uri(row), writable=True, state_dir=state) as info:
                 engine: Engine = "postgresql" if kind == "postgresql" else "mariadb"
                 return database_drill(info.target, engine=engine, start_timeout=timeout)
         except ExportError as e:

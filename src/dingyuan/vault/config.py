@@ -53,6 +53,7 @@ class VaultConfig:
     tls_key: Path
     listen: str = DEFAULT_LISTEN
     nbd_listen: str = DEFAULT_NBD_LISTEN  # exports; "off" serves none
+    nbd_advertise: str = ""  # the host name in export URIs, when clients reach the vault by another
     repository_id: str = ""
     version: int = field(default=CONFIG_VERSION)
 
@@ -80,6 +81,7 @@ class VaultConfig:
             "catalog_url": self.catalog_url,
             "listen": self.listen,
             "nbd_listen": self.nbd_listen,
+            "nbd_advertise": self.nbd_advertise,
             "repository_id": self.repository_id,
         }
         for name in _PATHS:
@@ -111,6 +113,7 @@ class VaultConfig:
                 tls_key=d / str(doc["tls_key"]),
                 listen=str(doc.get("listen", DEFAULT_LISTEN)),
                 nbd_listen=str(doc.get("nbd_listen", DEFAULT_NBD_LISTEN)),
+                nbd_advertise=str(doc.get("nbd_advertise", "")),
                 repository_id=str(doc.get("repository_id", "")),
             )
         except KeyError as e:

@@ -16,6 +16,7 @@ import base64
 import ipaddress
 import logging
 import secrets
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,13 @@ def check_networks(networks: list[str] | None) -> list[str] | None:
                 f"{n!r} is not an IP address or network (e.g. 192.0.2.7 or 10.1.0.0/16)"
             ) from None
     return out
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _nbd_uri(host: str, port: int, name: str) -> str:
+    return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{name}"
 
 
 @dataclass
@@ -99,12 +107,16 @@ class ExportService:
         return self.server.port
 
     def uri(self, row: Export) -> str:
+        """The URI clients use: the advertised address (``nbd_advertise`` in vault.json), else the
+        listening one, else (listening on every address) this machine's name."""
         host = self.advertise or self.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"nbd://{host}:{self.port}/{row.name}"
+        if host in WILDCARDS:
+            host = socket.getfqdn()
+        return _nbd_uri(host, self.port, row.name)
+
+    def local_uri(self, row: Export) -> str:
+        """The URI for the vault's own machine (its VMs and mounts): loopback when it listens there."""
+        return _nbd_uri("127.0.0.1" if self.host in WILDCARDS else self.host, self.port, row.name)
 
     # devices ----------------------------------------------------------------------------------------
     def _acquire(self, kind: str, target: str) -> BlockDevice:

@@ -302,7 +302,9 @@ class VaultServer:
             if keeper:
                 keeper.start()  # recovery first: no request before the spool is packed
             if self.nbd_listen is not None:
-                exports = self.ctx.extras[EXPORTS] = ExportService(self.ctx, *parse_listen(self.nbd_listen))
+                host, port = parse_listen(self.nbd_listen)
+                exports = ExportService(self.ctx, host, port, self.ctx.cfg.nbd_advertise or None)
+                self.ctx.extras[EXPORTS] = exports
                 exports.start()
                 self.ctx.extras[BOOTS] = BootService(exports)
             self._server.run()
