@@ -124,7 +124,7 @@ class Vault:
             message = str(json.loads(text).get("message", text))
         except (ValueError, AttributeError):
             message = text[:500] or r.reason
-        if r.status == 401:
+        if r.status == 401 and "Authorization" in self.headers:
             message += (
                 ". Enroll again with a new token ('dingyuan vault enroll-token HOST' on the vault); "
                 "any later enrollment of the host revokes this one"
