@@ -232,6 +232,12 @@ def test_the_vault_checks_compare_bodies_and_ranges(setup: Setup) -> None:
     r = setup.vault.api.post(f"{base}/compare", params={"start": 0}, content=b"".join(digests))
     assert r.status_code == 200 and r.json() == {"differ": []}
     assert layout["chunks"] == len(chunks) and layout["chunk_size"] == CHUNK
+    # a viewer sees snapshots but may not read a disk's contents
+    viewer = setup.vault.call("POST", "/tokens", json={"role": "viewer"})["token"]
+    headers = {"Authorization": f"Bearer {viewer}"}
+    assert setup.vault.api.get(f"{base}", headers=headers).status_code == 200
+    r = setup.vault.api.get(f"{base}/chunks", params={"start": 0, "count": 1}, headers=headers)
+    assert r.status_code == 403
 
 
 def test_the_build_script_makes_a_runnable_tool(tmp_path: Path) -> None:

@@ -102,9 +102,10 @@ def cmd_list(args: argparse.Namespace) -> None:
     if not snaps:
         print(f"host {state.host} has no snapshots on the vault")
         return
-    print(f"{'id':<16}  {'time (UTC)':<25}  {'volume':<20}  size")
+    print(f"{'id':<16}  {'time (UTC)':<19}  {'volume':<20}  size")
     for s in snaps:
-        print(f"{s['id'][:16]:<16}  {s['time'][:25]:<25}  {s['volume']:<20}  {human(int(s['size']))}")
+        when = str(s["time"])[:19].replace("T", " ")
+        print(f"{s['id'][:16]:<16}  {when:<19}  {s['volume']:<20}  {human(int(s['size']))}")
 
 
 def cmd_restore(args: argparse.Namespace) -> None:
