@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mountkit import loop_device, mounted_device
 from protectkit import Vault, cli, sha256_file
 
 CHUNK = 64 << 10
@@ -173,6 +175,32 @@ def test_a_restore_over_an_existing_file_writes_its_holes(enrolled: Setup) -> No
     done = s.rescue("restore", "root@latest", str(out), "--yes")
     assert done.returncode == 0, done.stderr
     assert sha256_file(out) == sha256_file(s.image)
+
+
+needs_loop = pytest.mark.skipif(
+    os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4", "mount")),
+    reason="needs root, losetup, mkfs.ext4 and mount",
+)
+
+
+@needs_loop
+def test_a_disk_is_restored_and_a_mounted_one_refused(enrolled: Setup, tmp_path: Path) -> None:
+    s = enrolled
+    backing = tmp_path / "disk"
+    backing.write_bytes(b"\xaa" * (65 << 20))  # old contents everywhere, one MiB past the snapshot
+    with loop_device(backing, 0, 65 << 20) as dev:
+        done = s.rescue("restore", "root@latest", dev, "--yes")
+        assert done.returncode == 0, done.stderr
+    with open(backing, "rb") as f:
+        restored, rest = f.read(SIZE), f.read()
+    assert hashlib.sha256(restored).hexdigest() == sha256_file(s.image)  # holes written as zeros
+    assert rest == b"\xaa" * ((65 << 20) - SIZE)  # past the snapshot: untouched
+
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True, capture_output=True)
+    with loop_device(backing, 0, 65 << 20) as dev, mounted_device(dev, tmp_path / "mnt", "ext4") as mnt:
+        done = s.rescue("restore", "root@latest", dev, "--yes")
+        assert done.returncode == 31 and f"mounted at {mnt}" in done.stderr, done.stderr
+        assert (mnt / "lost+found").is_dir()  # the file system is intact
 
 
 def test_mistakes_give_clear_errors(enrolled: Setup) -> None:
