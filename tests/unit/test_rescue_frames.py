@@ -62,6 +62,9 @@ def test_compressible_chunks_travel_compressed_and_random_ones_raw() -> None:
     noise = random.Random(1).randbytes(CS)
     header, payload = frames.encode_data(0, noise, hashlib.sha256(noise).digest())
     assert frames.HEADER.unpack(header)[1] == frames.RAW and payload == noise
+    mostly_zeros = noise[:1500] + bytes(CS * 4)  # random where the first sample looks
+    header, payload = frames.encode_data(0, mostly_zeros, hashlib.sha256(mostly_zeros).digest())
+    assert frames.HEADER.unpack(header)[1] == frames.ZLIB and len(payload) < 2000
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ MAX_STREAM_CHUNKS = 256  # chunks of one chunk stream ...
 MAX_STREAM_BYTES = 16 << 20  # ... and their bytes (chunk size times count)
 MAX_COMPARE = 4096  # digests of one compare request (128 KiB of body)
 ZLIB_LEVEL = 1
+SAMPLE = 1024  # bytes from the start, middle and end of a chunk that decide whether to compress it
 
 
 def max_stream_chunks(chunk_size: int) -> int:
@@ -56,9 +57,20 @@ def encode_hole(index: int, length: int) -> bytes:
     return HEADER.pack(index, HOLE, length, 0, zero_digest(length))
 
 
+def worth_compressing(data: bytes | memoryview) -> bool:
+    """Whether zlib shrinks samples of ``data`` by a tenth or more. zlib crawls over random bytes
+    (about 30 MB/s, against 200 MB/s over text), so an encrypted or compressed chunk is sent as it is
+    after compressing 3 KiB of it rather than all of it."""
+    if len(data) <= 3 * SAMPLE:
+        return True
+    mid = len(data) // 2
+    sample = b"".join((data[:SAMPLE], data[mid : mid + SAMPLE], data[-SAMPLE:]))
+    return len(zlib.compress(sample, ZLIB_LEVEL)) * 10 <= len(sample) * 9
+
+
 def encode_data(index: int, data: bytes | memoryview, digest: bytes, compress: bool = True) -> list[bytes]:
     """Header and payload of a data chunk whose SHA-256 is ``digest``; zlib only where it saves."""
-    if compress:
+    if compress and worth_compressing(data):
         packed = zlib.compress(data, ZLIB_LEVEL)
         if len(packed) < len(data):
             return [HEADER.pack(index, ZLIB, len(data), len(packed), digest), packed]
