@@ -7,16 +7,20 @@ run created (it is sparse and reads as zeros) and written as zeros elsewhere.
 
 **Delta**: the target's chunks are read and hashed (SHA-256) in threads, ``max_compare`` chunks a
 request; the vault answers which differ (``/compare``), and only those are fetched and written,
-as runs of neighbouring chunks. A chunk that is equal costs the vault a cached digest at most.
+as runs of neighbouring chunks. A chunk that is equal never travels; the vault reads it once to
+hash it, then keeps its digest.
 
-Either way the target is ``fsync``-ed at the end; the result is bit-exact or an error, never a
-silently partial restore (but an error leaves the target half written: run again).
+A request whose connection fails, or whose chunks arrive damaged, is sent again (up to
+:data:`ATTEMPTS` times); a refusal by the vault is final. The target is ``fsync``-ed at the end:
+the result is bit-exact or an error, never a silently partial restore (an error does leave the
+target half written: run again).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,13 +28,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import RestoreTargetError, TransferError
+from ..errors import RestoreTargetError, TransferError, VaultRefused
 from . import frames
 from .client import Vault
 from .progress import Progress
 from .target import Target
 
 WORKERS = 4  # requests in flight: enough to overlap the vault's reads, the network and our writes
+ATTEMPTS = 3  # tries of one request when the connection fails or a chunk arrives damaged
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -107,6 +112,26 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
                 fut.cancel()
 
 
+def retried(fn: Callable[[tuple[int, int]], R], what: str) -> Callable[[tuple[int, int]], R]:
+    """``fn`` over a (start, count) run, tried up to :data:`ATTEMPTS` times while the connection
+    fails or a chunk arrives damaged; the vault's refusals and the target's errors are final."""
+
+    def attempt(run: tuple[int, int]) -> R:
+        for n in range(1, ATTEMPTS + 1):
+            try:
+                return fn(run)
+            except VaultRefused:
+                raise
+            except TransferError as e:
+                if n == ATTEMPTS:
+                    raise
+                print(f"{what} from {run[0]}: {e}; trying again", file=sys.stderr, flush=True)
+                time.sleep(n)
+        raise AssertionError("unreachable")
+
+    return attempt
+
+
 def split_runs(indexes: Iterable[int], limit: int) -> Iterator[tuple[int, int]]:
     """(start, count) runs of consecutive indexes (sorted), each of at most ``limit``."""
     start = count = 0
@@ -134,23 +159,30 @@ class Restorer:
 
     # fetching --------------------------------------------------------------------------------
     def _fetch(self, run: tuple[int, int], progress: Progress) -> None:
+        """Fetch and write one run; its counts reach the statistics and the progress only once it
+        is complete, so a retried run is counted once."""
         start, count = run
         lay = self.layout
-        received = 0
-        with self.vault.stream(f"/snapshots/{lay.id}/chunks", start=start, count=count) as read:
+        received = written = holes = done = 0
+        try:
+            with self.vault.stream(f"/snapshots/{lay.id}/chunks", start=start, count=count) as read:
 
-            def counted(n: int) -> bytes:
-                nonlocal received
-                got = read(n)
-                received += len(got)
-                return got
+                def counted(n: int) -> bytes:
+                    nonlocal received
+                    got = read(n)
+                    received += len(got)
+                    return got
 
-            lengths = [lay.length(i) for i in range(start, start + count)]
-            for chunk in frames.decode_stream(counted, start, lengths):
-                written = self._write(chunk)
-                self.stats.add(fetched=1, holes=int(chunk.hole), written=written)
-                progress.add(chunk.length)
-        self.stats.add(received=received)
+                lengths = [lay.length(i) for i in range(start, start + count)]
+                for chunk in frames.decode_stream(counted, start, lengths):
+                    written += self._write(chunk)
+                    holes += chunk.hole
+                    done += chunk.length
+                    progress.add(chunk.length)
+        except BaseException:
+            progress.add(-done)
+            raise
+        self.stats.add(fetched=count, holes=holes, received=received, written=written)
 
     def _write(self, chunk: frames.Chunk) -> int:
         offset = chunk.index * self.layout.chunk_size
@@ -172,7 +204,8 @@ class Restorer:
 
     def _fetch_all(self, runs: Iterable[tuple[int, int]], label: str, total: int) -> None:
         with Progress(label, total) as progress:
-            for _ in bounded_map(lambda run: self._fetch(run, progress), runs, self.workers):
+            fetch = retried(lambda run: self._fetch(run, progress), "fetching chunks")
+            for _ in bounded_map(fetch, runs, self.workers):
                 pass
 
     # the two restores ------------------------------------------------------------------------
@@ -190,7 +223,8 @@ class Restorer:
         batches = [(s, min(lay.max_compare, lay.chunks - s)) for s in range(0, lay.chunks, lay.max_compare)]
         differ: list[int] = []
         with Progress("compare", lay.size) as progress:
-            for found in bounded_map(lambda b: self._compare(b, progress), batches, self.workers):
+            compare = retried(lambda b: self._compare(b, progress), "comparing chunks")
+            for found in bounded_map(compare, batches, self.workers):
                 differ.extend(found)
         differ.sort()
         self.stats.add(unchanged=lay.chunks - len(differ))
