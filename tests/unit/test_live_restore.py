@@ -239,9 +239,10 @@ def test_a_closed_restore_resumes_without_fetching_restored_chunks_again(
         done = dev.restored_bytes
     assert seen[-1] == (done, snap.size) and 0 < done < snap.size
     assert state_files(state) == ["lock", "state"]
-    with LiveRestore(repo, snap, str(target), state) as dev:
+    with LiveRestore(repo, snap, str(target), state, start=False) as dev:
         assert dev.restored_bytes == done
         states = dev.chunk_states()
+        dev.start()
         assert dev.wait(60)
         again = dev.fetched_chunks
     data_chunks = sum(1 for i in range(0, snap.size, CS) if any(snap_bytes[i : i + CS]))
