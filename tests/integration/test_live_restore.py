@@ -100,6 +100,33 @@ def test_clients_write_over_nbd_while_the_copy_runs(repo: Repository, tmp_path: 
     assert not (tmp_path / "state" / "state").exists()
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("losetup") is None, reason="needs root and losetup (a loop device)"
+)
+def test_a_block_device_target_is_written_whole_holes_included(repo: Repository, tmp_path: Path) -> None:
+    """A device is not sparse: what it held before must not show through the snapshot's holes,
+    and nothing past the snapshot's size is touched."""
+    snap_bytes = volume(tmp_path / "vol.img", 4 * MiB + 512, seed=4)
+    snap = back_up(repo, tmp_path / "vol.img")
+    backing = tmp_path / "disk.img"
+    old = random.Random(5).randbytes(6 * MiB)
+    backing.write_bytes(old)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        with LiveRestore(repo, snap, loop, tmp_path / "state", batch_bytes=4 * CS) as live:
+            live.write(3 * CS + 7, b"client")
+            assert live.wait(60)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    expected = bytearray(snap_bytes)
+    expected[3 * CS + 7 : 3 * CS + 13] = b"client"
+    got = backing.read_bytes()
+    assert got[: snap.size] == expected
+    assert got[snap.size :] == old[snap.size :]
+
+
 # the acceptance case: a server boots from the target while it is being restored ----------------
 needs_vm = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,

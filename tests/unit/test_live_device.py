@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,12 @@ def test_the_target_ends_as_the_snapshot_plus_the_clients_writes(
 
 @pytest.fixture
 def snapshot(repo: Repository, tmp_path: Path) -> tuple[Snapshot, bytes]:
-    return make_snapshot(repo, tmp_path, 300 * CS + 100, seed=5)
+    """A volume mostly of data (holes cost the copier nothing, so they would not slow it)."""
+    size = 300 * CS + 100
+    data = bytearray(random.Random(5).randbytes(size))
+    data[40 * CS : 50 * CS] = bytes(10 * CS)
+    write_sparse(tmp_path / "dense.img", size, [(0, bytes(data))])
+    return backup(repo, str(tmp_path / "dense.img"), "dense", host="h1", chunk_size=CS).snapshot, bytes(data)
 
 
 def test_client_writes_during_the_copy_are_never_overwritten(
@@ -196,16 +202,17 @@ def test_client_writes_during_the_copy_are_never_overwritten(
     pieces = list(range(0, size - 512, 512))
     random.Random(3).shuffle(pieces)
     state = tmp_path / "state"
-    with LiveRestore(repo, snap, str(target), state, batch_bytes=2 * CS, rate=1 << 20) as dev:
+    with LiveRestore(repo, snap, str(target), state, batch_bytes=2 * CS, rate=256 << 10) as dev:
 
         def writer(mine: list[int], seed: int) -> None:
             rnd = random.Random(seed)
-            for off in mine:
+            for off in sorted(mine):  # in the copier's direction, so the two meet
                 data = rnd.randbytes(512)
                 dev.write(off, data)
                 model[off : off + 512] = data
+                time.sleep(0.002)
 
-        threads = [threading.Thread(target=writer, args=(pieces[k::4][:150], k)) for k in range(4)]
+        threads = [threading.Thread(target=writer, args=(pieces[k::4][:40], k)) for k in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -216,6 +223,31 @@ def test_client_writes_during_the_copy_are_never_overwritten(
         assert dev.read(0, size) == model
     assert target.read_bytes() == model
     assert state_files(state) == []
+
+
+def test_a_write_between_the_copiers_fetch_and_its_write_survives(
+    repo: Repository, tmp_path: Path, snapshot: tuple[Snapshot, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the chunk locks exist for, made to happen: the copier has fetched a batch, a
+    client writes into it, then the copier writes the batch."""
+    snap, snap_bytes = snapshot
+    target = tmp_path / "target.img"
+    with LiveRestore(repo, snap, str(target), tmp_path / "state", start=False, batch_bytes=8 * CS) as dev:
+        fetch = dev._copier.read
+
+        def fetch_then_client_writes(offset: int, length: int) -> bytes:
+            data = fetch(offset, length)
+            dev.write(offset + 3 * CS + 5, b"client")
+            return data
+
+        monkeypatch.setattr(dev._copier, "read", fetch_then_client_writes)
+        dev.restore_next()
+        monkeypatch.undo()
+        while dev.restore_next():
+            pass
+    expected = bytearray(snap_bytes)
+    expected[3 * CS + 5 : 3 * CS + 11] = b"client"
+    assert target.read_bytes() == expected
 
 
 def test_a_closed_restore_resumes_without_fetching_restored_chunks_again(
