@@ -30,7 +30,7 @@ from dingyuan.repository.manifest import Snapshot
 from dingyuan.repository.repo import Repository
 from dingyuan.repository.restore import restore
 from dingyuan.repository.restore_journal import journal_path, read_journal
-from dingyuan.repository.restore_target import punch_zeros
+from dingyuan.repository.restore_target import punch_hole
 
 CS = 4096
 
@@ -125,11 +125,11 @@ def damage(path: Path, size: int, ops: list[Damage], seed: int) -> None:
                 os.pwrite(fd, (seed + n).to_bytes(8, "little") * (span // 8 + 1), off)
             elif kind == "zero":
                 os.pwrite(fd, bytes(span), off)
-            elif kind == "punch":
-                punch_zeros(fd, off, min(off + span, cur))
+            elif kind == "punch" and off < cur:
+                assert punch_hole(fd, off, min(off + span, cur))
             elif kind == "truncate":
                 os.ftruncate(fd, off)
-            else:
+            elif kind == "extend":
                 os.ftruncate(fd, cur + span)
     finally:
         os.close(fd)
@@ -242,3 +242,16 @@ def test_delta_restore_needs_an_existing_target(tmp_path: Path) -> None:
     snap, _ = _volume(tmp_path, repo, 3)
     with pytest.raises(RestoreTargetError, match="does not exist"):
         restore(repo, snap, str(tmp_path / "missing.img"), delta=True)
+
+
+def test_delta_restore_leaves_a_hole_where_a_large_zero_range_was_overwritten(tmp_path: Path) -> None:
+    repo = new_repo(MemoryBackend(), tmp_path / "cache")
+    image = os.urandom(CS) + bytes(4 << 20) + os.urandom(CS)
+    (tmp_path / "src.img").write_bytes(image)
+    snap = backup(repo, str(tmp_path / "src.img"), "vol", chunk_size=CS).snapshot
+    target = tmp_path / "target.img"
+    target.write_bytes(image[:CS] + os.urandom(4 << 20) + image[-CS:])
+    stats = restore(repo, snap, str(target), delta=True)
+    assert target.read_bytes() == image
+    assert stats.bytes_zeroed == 4 << 20 and stats.chunks_fetched == 0
+    assert os.stat(target).st_blocks * 512 < 1 << 20  # the zeros are a hole, as a full restore leaves them

@@ -37,7 +37,7 @@ from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
 from .repo import Repository
 from .restore_journal import Journal, JournalState, journal_path, read_journal, remove_journal
-from .restore_target import open_existing, open_target, punch_zeros, write_zeros
+from .restore_target import open_existing, open_target, write_zeros, zero_file_range
 from .threads import responsive_threads
 
 MAX_RUN = 4 << 20  # bytes per ranged read
@@ -323,7 +323,7 @@ def _run(
         if journal is not None:
             journal.advance(end)
 
-    zero = punch_zeros if regular else write_zeros
+    zero = zero_file_range if regular else write_zeros
     with responsive_threads(), ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
         pipe = ChunkPipeline(repo, snap, fd, target, pool, stats, zero, on_done)
         if stats.mode == "delta":

@@ -14,6 +14,7 @@ import stat
 from ..errors import RestoreTargetError
 
 ZERO_BLOCK = bytes(1 << 20)
+PUNCH_MIN = 1 << 20
 
 
 def open_target(target: str, size: int) -> tuple[int, bool]:
@@ -66,10 +67,18 @@ _FALLOC_PUNCH = 0x03  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def punch_zeros(fd: int, start: int, end: int) -> None:
-    """Make a range of a regular file read as zeros: a hole (as a fresh restore leaves it), or
-    written zeros where the filesystem cannot punch one."""
+def punch_hole(fd: int, start: int, end: int) -> bool:
+    """Deallocate a range of a regular file (it then reads as zeros); False if the filesystem
+    cannot."""
     fallocate = getattr(_libc, "fallocate", None)
     args = (ctypes.c_int(fd), ctypes.c_int(_FALLOC_PUNCH), ctypes.c_int64(start), ctypes.c_int64(end - start))
-    if fallocate is None or fallocate(*args) != 0:
+    return fallocate is not None and fallocate(*args) == 0
+
+
+def zero_file_range(fd: int, start: int, end: int) -> None:
+    """Make a range of a regular file read as zeros. A range of ``PUNCH_MIN`` or more becomes a
+    hole, as a fresh restore leaves it; a shorter one is written: a punch costs a filesystem
+    transaction (about 0.4 ms on ext4, as long as writing 1 MiB to the page cache), and a delta
+    restore of scattered damage zeroes thousands of single chunks."""
+    if end - start < PUNCH_MIN or not punch_hole(fd, start, end):
         write_zeros(fd, start, end)
