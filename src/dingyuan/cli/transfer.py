@@ -83,15 +83,36 @@ def backup(
 @click.argument("snapshot")
 @click.argument("target", type=click.Path(dir_okay=False))
 @click.option(
+    "--delta",
+    is_flag=True,
+    help="TARGET exists and holds an older or damaged copy: read and hash it, fetch and write only "
+    "the chunks that differ.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted restore of SNAPSHOT to TARGET after what its journal says is on "
+    "disk (without a journal: --delta).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start over even if TARGET holds an interrupted restore of another snapshot.",
+)
+@click.option(
     "--no-fsync",
     is_flag=True,
-    help="Leave the written data in the page cache instead of flushing it to disk at the end.",
+    help="Leave the written data in the page cache instead of flushing it to disk at the end "
+    "(no journal is kept: an interrupted restore cannot resume, only redo with --delta).",
 )
 @repo_options
 @json_option
 def restore(
     snapshot: str,
     target: str,
+    delta: bool,
+    resume: bool,
+    force: bool,
     no_fsync: bool,
     repo_path: str | None,
     passphrase_file: Path | None,
@@ -100,16 +121,30 @@ def restore(
 ) -> None:
     """Restore SNAPSHOT (id, unique id prefix or VOLUME@latest) to TARGET (file or block device).
 
-    Every chunk is verified against its id before it is written; holes stay holes in files.
+    Every chunk is verified against its id before it is written; holes stay holes in files. A
+    regular-file TARGET is made the snapshot's size; a block device must be at least that large.
+    While it runs, a journal (TARGET.dyrestore beside a file; in the cache directory for a
+    device) records what is on disk, so that an interrupted restore continues with --resume.
     """
     repo = open_repo(repo_path, passphrase_file, cache_dir)
     snap = repo.resolve(snapshot)
     with progress_bar(f"restore {snap.id[:12]}", not as_json) as progress:
-        written = run_restore(repo, snap, target, progress=progress, fsync=not no_fsync)
-    if as_json:
-        emit_json({"snapshot": snap.id, "target": target, "size": snap.size, "bytes_written": written})
-    else:
-        flushed = "not flushed (--no-fsync)" if no_fsync else "flushed to disk"
-        click.echo(
-            f"restored snapshot {snap.id[:12]} ({human_bytes(snap.size)}) to {target}, verified, {flushed}"
+        stats = run_restore(
+            repo, snap, target, progress=progress, fsync=not no_fsync, delta=delta, resume=resume, force=force
         )
+    if as_json:
+        emit_json({"snapshot": snap.id, "target": target, "size": snap.size, **stats.as_dict()})
+        return
+    flushed = "not flushed (--no-fsync)" if no_fsync else "flushed to disk"
+    resumed = f", resumed at {human_bytes(stats.resumed_at)}" if stats.resumed_at else ""
+    compared = (
+        f"{stats.chunks_differing} of {stats.chunks_compared} chunks differed, "
+        if stats.mode == "delta"
+        else ""
+    )
+    click.echo(
+        f"restored snapshot {snap.id[:12]} ({human_bytes(snap.size)}) to {target}{resumed}, verified, "
+        f"{flushed} ({stats.mode}: {compared}{stats.chunks_fetched} chunks fetched, "
+        f"{human_bytes(stats.bytes_fetched)} read from packs, {human_bytes(stats.bytes_written)} written, "
+        f"{human_bytes(stats.bytes_zeroed)} zeroed, {stats.seconds:.1f} s)"
+    )

@@ -1,65 +1,80 @@
-"""Restore a snapshot to a file or block device.
+"""Restore a snapshot to a file or block device: fully, as a delta, or resuming.
 
-Leaf by leaf (256 chunks), the blobs are looked up, grouped by pack, coalesced into ranged reads
-of neighbouring blobs, and handed to worker threads that fetch, decrypt, decompress, verify
-each chunk against its id and ``pwrite`` it. A chunk that fails verification stops the restore
-with an error; nothing unverified is ever written. A new or regular-file target is truncated
-and left sparse where the snapshot has holes; a block device gets zeros written there.
+One pipeline serves the three: the caller hands it :class:`Batch` es in volume order (the chunks
+to fetch, the ranges to zero, and the chunk index everything before which is then complete). For
+each batch the blobs are looked up, grouped by pack, coalesced into ranged reads of neighbouring
+blobs, and handed to worker threads that fetch, decrypt, decompress and verify each chunk
+against its id; the main thread ``pwrite`` s them. A chunk that fails verification stops the
+restore with an error; nothing unverified is ever written.
+
+- **Full** (the default): the batches are the tree's leaves (256 chunks). A new or regular-file
+  target is truncated and left sparse where the snapshot has holes; a block device gets zeros
+  written there.
+- **Delta** (``delta=True``, :mod:`.delta`): the target must exist; it is read and hashed, and
+  only chunks whose id differs from the snapshot's are fetched (or zeroed).
+- **Resume** (``resume=True``): the restore's journal (:mod:`.restore_journal`) names the chunks
+  already on disk; the restore continues after them, in the journal's mode. Without a journal,
+  resuming an existing target is a delta restore.
+
+A target whose journal belongs to another snapshot is refused unless ``force``: it is in the
+middle of a different restore, which is more likely a mistaken target than an intent.
 """
 
 from __future__ import annotations
 
 import os
-import stat
+import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..errors import CorruptObject, MissingObject, ObjectNotFound, RestoreTargetError
 from .cache import Location
+from .delta import differing_chunks
 from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
 from .repo import Repository
+from .restore_journal import Journal, JournalState, journal_path, read_journal, remove_journal
+from .restore_target import open_existing, open_target, write_zeros, zero_file_range
 from .threads import responsive_threads
 
 MAX_RUN = 4 << 20  # bytes per ranged read
 INFLIGHT = 4
-ZERO_BLOCK = bytes(1 << 20)
+CHECKPOINT_BYTES = 64 << 20  # journal checkpoints: a resume refetches at most this much
 
 Progress = Callable[[int, int], None]
 
 
-def open_target(target: str, size: int) -> tuple[int, bool]:
-    """Open the target; returns (fd, sparse) where sparse means holes already read as zero."""
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        st = None
-    try:
-        if st is None or stat.S_ISREG(st.st_mode):
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
-            return fd, True
-        if stat.S_ISBLK(st.st_mode):
-            fd = os.open(target, os.O_WRONLY)
-            dev_size = os.lseek(fd, 0, os.SEEK_END)
-            if dev_size < size:
-                os.close(fd)
-                raise RestoreTargetError(
-                    target=target, detail=f"device holds {dev_size} bytes, snapshot needs {size}"
-                )
-            return fd, False
-    except OSError as e:
-        raise RestoreTargetError(target=target, detail=e.strerror or str(e)) from None
-    raise RestoreTargetError(target=target, detail="not a regular file or block device")
+@dataclass
+class RestoreStats:
+    """What a restore did. ``chunks_compared`` and ``chunks_differing`` count the chunks a delta
+    scan read and found different; ``bytes_fetched`` is stored bytes read from packs;
+    ``resumed_at`` the first byte this run restored (0 unless it resumed from a journal)."""
+
+    mode: str
+    resumed_at: int = 0
+    chunks_compared: int = 0
+    chunks_differing: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _write_zeros(fd: int, start: int, end: int) -> None:
-    while start < end:
-        n = min(len(ZERO_BLOCK), end - start)
-        os.pwrite(fd, memoryview(ZERO_BLOCK)[:n], start)
-        start += n
+@dataclass
+class Batch:
+    """Chunks to fetch (id to target offsets) and byte ranges to zero; once done, every chunk
+    before index ``end`` holds the snapshot's bytes."""
+
+    end: int
+    wanted: dict[bytes, list[int]]
+    zeros: list[tuple[int, int]]
 
 
 Run = tuple[bytes, int, int, list[tuple[BlobEntry, list[int]]]]  # pack, start, length, blobs
@@ -89,6 +104,148 @@ def plan_runs(locs: dict[bytes, Location], wanted: dict[bytes, list[int]]) -> li
     return runs
 
 
+Fetched = tuple[list[tuple[int, bytes]], int, int]  # (target offset, data) pairs, bytes read, blobs
+
+
+class ChunkPipeline:
+    """Fetch, verify and write the batches' chunks; the main thread is the only writer."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        snap: Snapshot,
+        fd: int,
+        target: str,
+        pool: ThreadPoolExecutor,
+        stats: RestoreStats,
+        zero: Callable[[int, int, int], None],
+        on_done: Callable[[int], None],
+    ) -> None:
+        self.repo, self.snap, self.fd, self.target, self.pool = repo, snap, fd, target, pool
+        self.stats = stats
+        self.zero = zero
+        self.on_done = on_done
+        self.inflight: deque[Future[Fetched] | int] = deque()  # fetches, and batch ends after them
+        self.fetching = 0
+
+    def put(self, batch: Batch) -> None:
+        for start, end in batch.zeros:
+            self.zero(self.fd, start, end)
+            self.stats.bytes_zeroed += end - start
+        locs = self.repo.cache.lookup_many(batch.wanted)
+        missing = [b for b in batch.wanted if b not in locs]
+        if missing:
+            raise MissingObject(name=f"chunk {missing[0].hex()}", detail="not in any index")
+        for run in plan_runs(locs, batch.wanted):
+            self.inflight.append(self.pool.submit(self.fetch, run))
+            self.fetching += 1
+            while self.fetching >= INFLIGHT:
+                self._pop()
+        self.inflight.append(batch.end)
+
+    def finish(self) -> None:
+        while self.inflight:
+            self._pop()
+
+    def _pop(self) -> None:
+        item = self.inflight.popleft()
+        if isinstance(item, int):
+            self.on_done(item)
+            return
+        self.fetching -= 1
+        pieces, nbytes, nblobs = item.result()
+        self.stats.bytes_fetched += nbytes
+        self.stats.chunks_fetched += nblobs
+        self.stats.bytes_written += self.write(pieces)
+
+    def fetch(self, run: Run) -> Fetched:
+        """Worker: read a run of blobs and verify each."""
+        pack, start, length, blobs = run
+        cs, size = self.snap.chunk_size, self.snap.size
+        name = pack_name(pack)
+        try:
+            data = self.repo.backend.get_range(name, start, length)
+        except ObjectNotFound:
+            raise MissingObject(name=name, detail="pack listed by the index") from None
+        mv = memoryview(data)
+        out = []
+        for entry, offsets in blobs:
+            plain = self.repo.decode_blob(
+                entry, mv[entry.offset - start : entry.offset - start + entry.length], name
+            )
+            for off in offsets:
+                if len(plain) != min(cs, size - off):
+                    raise CorruptObject(name=name, detail=f"chunk for offset {off} has the wrong length")
+                out.append((off, plain))
+        return out, length, len(blobs)
+
+    def write(self, pieces: list[tuple[int, bytes]]) -> int:
+        """Neighbouring chunks go out in one pwritev."""
+        pieces.sort(key=lambda p: p[0])
+        i = 0
+        while i < len(pieces):
+            start = end = pieces[i][0]
+            group: list[bytes] = []
+            while i < len(pieces) and pieces[i][0] == end and len(group) < 512:
+                group.append(pieces[i][1])
+                end += len(pieces[i][1])
+                i += 1
+            if os.pwritev(self.fd, group, start) != end - start:
+                raise RestoreTargetError(target=self.target, detail=f"short write at offset {start}")
+        return sum(len(p[1]) for p in pieces)
+
+
+def full_batches(repo: Repository, snap: Snapshot, first: int, sparse: bool) -> Iterator[Batch]:
+    """Leaf by leaf from chunk ``first``: every stored chunk, and (unless ``sparse``: the target
+    reads as zeros there already) zeros for every other."""
+    cs, size = snap.chunk_size, snap.size
+    done_to = first * cs
+    for base, ids in repo.tree(snap).leaves():
+        if base + len(ids) <= first:
+            continue
+        wanted: dict[bytes, list[int]] = defaultdict(list)
+        zeros: list[tuple[int, int]] = []
+        if not sparse and done_to < base * cs:
+            zeros.append((done_to, base * cs))
+        for j in range(max(0, first - base), len(ids)):
+            off = (base + j) * cs
+            if ids[j] != ZERO_ID:
+                wanted[ids[j]].append(off)
+            elif not sparse:
+                zeros.append((off, min(off + cs, size)))
+        done_to = min((base + len(ids)) * cs, size)
+        yield Batch(base + len(ids), wanted, zeros)
+    nchunks = -(-size // cs)
+    yield Batch(nchunks, {}, [] if sparse or done_to >= size else [(done_to, size)])
+
+
+def delta_batches(
+    repo: Repository,
+    snap: Snapshot,
+    fd: int,
+    target: str,
+    first: int,
+    pool: ThreadPoolExecutor,
+    stats: RestoreStats,
+) -> Iterator[Batch]:
+    """From chunk ``first``: the chunks of the target that differ from the snapshot's."""
+    cs, size = snap.chunk_size, snap.size
+    for end, compared, diffs in differing_chunks(repo, snap, fd, target, first, pool):
+        stats.chunks_compared += compared
+        stats.chunks_differing += len(diffs)
+        wanted: dict[bytes, list[int]] = defaultdict(list)
+        zeros: list[tuple[int, int]] = []
+        for index, bid in diffs:
+            off = index * cs
+            if bid != ZERO_ID:
+                wanted[bid].append(off)
+            elif zeros and zeros[-1][1] == off:
+                zeros[-1] = (zeros[-1][0], min(off + cs, size))
+            else:
+                zeros.append((off, min(off + cs, size)))
+        yield Batch(end, wanted, zeros)
+
+
 def restore(
     repo: Repository,
     snap: Snapshot,
@@ -96,96 +253,83 @@ def restore(
     progress: Progress | None = None,
     workers: int = 2,
     fsync: bool = True,
-) -> int:
-    """Restore ``snap`` to ``target``; returns the number of bytes written.
-
-    With ``fsync`` (the default) the target is flushed to stable storage before returning.
-    """
+    *,
+    delta: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    checkpoint_bytes: int = CHECKPOINT_BYTES,
+) -> RestoreStats:
+    """Restore ``snap`` to ``target`` (see the module docstring for ``delta``, ``resume`` and
+    ``force``). With ``fsync`` (the default) the target is flushed to stable storage before
+    returning, and a journal every ``checkpoint_bytes`` lets an interrupted run resume."""
+    t0 = time.monotonic()
     with repo.lock(exclusive=False, purpose=f"restore {snap.id[:12]}"):
         repo.sync_index()
-        return _restore(repo, snap, target, progress, workers, fsync)
-
-
-def _restore(
-    repo: Repository, snap: Snapshot, target: str, progress: Progress | None, workers: int, fsync: bool
-) -> int:
-    fd, sparse = open_target(target, snap.size)
-    cs = snap.chunk_size
-    written = 0
-    try:
-
-        def fetch(run: Run) -> list[tuple[int, bytes]]:
-            """Worker: read a run of blobs, verify each; returns (target offset, data) pairs."""
-            pack, start, length, blobs = run
-            name = pack_name(pack)
-            try:
-                data = repo.backend.get_range(name, start, length)
-            except ObjectNotFound:
-                raise MissingObject(name=name, detail="pack listed by the index") from None
-            mv = memoryview(data)
-            out = []
-            for entry, offsets in blobs:
-                plain = repo.decode_blob(
-                    entry, mv[entry.offset - start : entry.offset - start + entry.length], name
-                )
-                for off in offsets:
-                    if len(plain) != min(cs, snap.size - off):
-                        raise CorruptObject(name=name, detail=f"chunk for offset {off} has the wrong length")
-                    out.append((off, plain))
-            return out
-
-        def write(pieces: list[tuple[int, bytes]]) -> int:
-            """Main thread, the only writer: neighbouring chunks go out in one pwritev."""
-            pieces.sort(key=lambda p: p[0])
-            i = 0
-            while i < len(pieces):
-                start = end = pieces[i][0]
-                group: list[bytes] = []
-                while i < len(pieces) and pieces[i][0] == end and len(group) < 512:
-                    group.append(pieces[i][1])
-                    end += len(pieces[i][1])
-                    i += 1
-                if os.pwritev(fd, group, start) != end - start:
-                    raise RestoreTargetError(target=target, detail=f"short write at offset {start}")
-            return sum(len(p[1]) for p in pieces)
-
-        inflight: deque[Future[list[tuple[int, bytes]]]] = deque()
-        done_to = 0
-        with responsive_threads(), ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-            for base, ids in repo.tree(snap).leaves():
-                wanted: dict[bytes, list[int]] = defaultdict(list)
-                for j, bid in enumerate(ids):
-                    off = (base + j) * cs
-                    if bid == ZERO_ID:
-                        if not sparse:
-                            _write_zeros(fd, off, min(off + cs, snap.size))
-                    else:
-                        wanted[bid].append(off)
-                if not sparse:
-                    _write_zeros(fd, done_to, base * cs)
-                done_to = min((base + len(ids)) * cs, snap.size)
-                locs = repo.cache.lookup_many(wanted)
-                missing = [b for b in wanted if b not in locs]
-                if missing:
-                    raise MissingObject(name=f"chunk {missing[0].hex()}", detail="not in any index")
-                for run in plan_runs(locs, wanted):
-                    inflight.append(pool.submit(fetch, run))
-                    while len(inflight) >= INFLIGHT:
-                        written += write(inflight.popleft().result())
-                        if progress:
-                            progress(written, snap.size)
-            while inflight:
-                written += write(inflight.popleft().result())
-                if progress:
-                    progress(written, snap.size)
-        if not sparse:
-            _write_zeros(fd, done_to, snap.size)
-        if fsync:
-            os.fsync(fd)
-    except OSError as e:
-        raise RestoreTargetError(target=target, detail=e.strerror or str(e)) from None
-    finally:
-        os.close(fd)
+        jpath = journal_path(target, repo.cache.path.parent)
+        found = None if force else read_journal(jpath, target)
+        if found is not None and found.snapshot != snap.id:
+            raise RestoreTargetError(
+                target=target,
+                detail=f"it holds an interrupted restore of snapshot {found.snapshot[:12]}: "
+                "resume that one, or start over with --force",
+            )
+        first = 0
+        if resume and found is not None:
+            first, delta = found.done, delta or found.mode == "delta"
+        elif resume and os.path.exists(target):
+            delta = True
+        stats = RestoreStats("delta" if delta else "full", resumed_at=min(first * snap.chunk_size, snap.size))
+        fd, regular = open_existing(target, snap.size) if delta or first else open_target(target, snap.size)
+        try:
+            journal: Journal | None = None
+            if fsync:
+                state = JournalState(snap.id, snap.chunk_size, snap.size, stats.mode, first)
+                journal = Journal(jpath, state, fd, checkpoint_bytes)
+            else:
+                remove_journal(jpath)  # what this run writes is not known to be durable
+            _run(repo, snap, target, fd, regular, first, stats, progress, workers, journal)
+            if fsync:
+                os.fsync(fd)
+            if journal is not None:
+                journal.remove()
+        except OSError as e:
+            raise RestoreTargetError(target=target, detail=e.strerror or str(e)) from None
+        finally:
+            os.close(fd)
     if progress:
         progress(snap.size, snap.size)
-    return written
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _run(
+    repo: Repository,
+    snap: Snapshot,
+    target: str,
+    fd: int,
+    regular: bool,
+    first: int,
+    stats: RestoreStats,
+    progress: Progress | None,
+    workers: int,
+    journal: Journal | None,
+) -> None:
+    """Write chunks ``[first, n)`` of the snapshot to the open target."""
+    cs, size = snap.chunk_size, snap.size
+
+    def on_done(end: int) -> None:
+        if progress:
+            progress(min(end * cs, size), size)
+        if journal is not None:
+            journal.advance(end)
+
+    zero = zero_file_range if regular else write_zeros
+    with responsive_threads(), ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
+        pipe = ChunkPipeline(repo, snap, fd, target, pool, stats, zero, on_done)
+        if stats.mode == "delta":
+            batches = delta_batches(repo, snap, fd, target, first, pool, stats)
+        else:
+            batches = full_batches(repo, snap, first, sparse=regular)
+        for batch in batches:
+            pipe.put(batch)
+        pipe.finish()
