@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import click
 
 from ..errors import UsageError
 from ..repository.backup import backup as run_backup
-from ..repository.manifest import CONSISTENCY_LEVELS
+from ..repository.manifest import CONSISTENCY_LEVELS, Snapshot
+from ..repository.repo import Repository
 from ..repository.restore import restore as run_restore
 from .common import emit_json, human_bytes, json_option, open_repo, parse_size, progress_bar, repo_options
 
@@ -105,6 +107,19 @@ def backup(
     help="Leave the written data in the page cache instead of flushing it to disk at the end "
     "(no journal is kept: an interrupted restore cannot resume, only redo with --delta).",
 )
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Serve TARGET over NBD at once while the copy runs (reads of what is not copied yet come "
+    "from the snapshot, writes are kept); runs until Ctrl-C, and resumes when run again.",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where --live serves NBD (port 0: a free one).",
+)
 @repo_options
 @json_option
 def restore(
@@ -114,6 +129,8 @@ def restore(
     resume: bool,
     force: bool,
     no_fsync: bool,
+    live: bool,
+    listen: str,
     repo_path: str | None,
     passphrase_file: Path | None,
     cache_dir: Path | None,
@@ -128,6 +145,13 @@ def restore(
     """
     repo = open_repo(repo_path, passphrase_file, cache_dir)
     snap = repo.resolve(snapshot)
+    if live:
+        if delta or resume or no_fsync:
+            raise UsageError(
+                "--live resumes by itself and always flushes: drop --delta, --resume, --no-fsync"
+            )
+        _live_restore(repo, snap, target, listen)
+        return
     with progress_bar(f"restore {snap.id[:12]}", not as_json) as progress:
         stats = run_restore(
             repo, snap, target, progress=progress, fsync=not no_fsync, delta=delta, resume=resume, force=force
@@ -148,3 +172,42 @@ def restore(
         f"{human_bytes(stats.bytes_fetched)} read from packs, {human_bytes(stats.bytes_written)} written, "
         f"{human_bytes(stats.bytes_zeroed)} zeroed, {stats.seconds:.1f} s)"
     )
+
+
+def _live_restore(repo: Repository, snap: Snapshot, target: str, listen: str) -> None:
+    """Serve a live restore of ``snap`` to ``target`` over NBD until SIGINT or SIGTERM."""
+    import hashlib
+    import signal
+    import threading
+
+    from ..exports.nbd.server import ThreadedNbdServer
+    from ..repository.live import LiveRestore
+    from ..vault.server import parse_listen
+
+    host, port = parse_listen(listen)
+    key = hashlib.sha256(os.path.realpath(target).encode()).hexdigest()[:32]
+    state = repo.cache.path.parent / "live" / key
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    device = LiveRestore(repo, snap, target, state)
+    try:
+        with ThreadedNbdServer(host=host, port=port) as server:
+            name = snap.id[:12]
+            server.add(name, device)
+            shown = f"[{host}]" if ":" in host else host
+            click.echo(f"nbd://{shown}:{server.port}/{name}")
+            click.echo(
+                f"serving {target} while it is restored from snapshot {snap.id[:12]}; Ctrl-C stops "
+                "(run the same command again to continue)",
+                err=True,
+            )
+            while not stop.is_set() and not device.wait(1.0):  # wait() raises the copier's error
+                pass
+            if device.complete and not stop.is_set():
+                click.echo(f"restore complete: {target} is whole; still serving it until Ctrl-C", err=True)
+                stop.wait()
+    finally:
+        device.close()
+    state_word = "complete" if device.complete else f"{human_bytes(device.restored_bytes)} restored so far"
+    click.echo(f"stopped: {target} {state_word}")
