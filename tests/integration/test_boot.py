@@ -198,3 +198,12 @@ def test_a_policy_drills_each_new_snapshot(site: Site) -> None:
     assert any(
         j["kind"] == "drill" and j["details"].get("snapshot") == site.snapshot("auto")["id"] for j in jobs
     )
+
+
+def test_a_boot_that_cannot_start_leaves_nothing_behind(site: Site) -> None:
+    clones = site.dy("clone", "list", "--json").stdout
+    failed = site.dy("boot", "srv1:system@latest", "--network", "bridge", "--bridge", "nosuch0", check=False)
+    assert failed.returncode != 0 and "nosuch0" in failed.stderr, failed.stderr
+    assert site.dy("clone", "list", "--json").stdout == clones
+    assert json.loads(site.dy("export", "list", "--json").stdout) == []
+    assert json.loads(site.dy("boot", "list", "--json").stdout) == []

@@ -112,6 +112,9 @@ class BootService:
         except BaseException:
             self.exports.remove(session, row)
             shutil.rmtree(run_dir, ignore_errors=True)
+            if snapshot is not None:  # the clone made for this boot holds nothing yet
+                session.flush()
+                self.exports.delete_clone(session, self.exports.clones.get(row.target))
             raise
         return info, vm
 
