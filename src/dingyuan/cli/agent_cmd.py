@@ -74,3 +74,26 @@ def run(state_dir: Path, poll: float, verbose: bool) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     daemon.run_forever()
+
+
+@agent.command("restore")
+@state_dir_option
+@click.argument("snapshot", metavar="SNAPSHOT|VOLUME@latest")
+@click.argument("target", type=click.Path(dir_okay=False))
+@click.option(
+    "--delta", is_flag=True, help="TARGET holds an older or damaged copy: fetch only the chunks that differ."
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--workers", type=click.IntRange(1, 32), default=4, show_default=True, help="Requests in flight."
+)
+def restore(state_dir: Path, snapshot: str, target: str, delta: bool, yes: bool, workers: int) -> None:
+    """Restore one of this host's snapshots from the vault to TARGET (a file or a disk), over the
+    agent's own credentials; every chunk is checked before it is written."""
+    from ..agent.config import AgentConfig
+    from ..rescue.cli import restore_from
+    from ..rescue.state import State
+
+    cfg = AgentConfig.load(state_dir)
+    state = State(url=cfg.url, host=cfg.host, token=cfg.token, ca=(state_dir / "ca.pem").read_text())
+    restore_from(state, snapshot, target, delta=delta, yes=yes, workers=workers)

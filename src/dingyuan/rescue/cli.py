@@ -109,11 +109,25 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> None:
-    state = State.load(args.state)
-    vault = state.vault()
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    snapshot_id = resolve(vault, state.host, args.snapshot)
+    restore_from(
+        State.load(args.state),
+        args.snapshot,
+        args.target,
+        delta=args.delta,
+        yes=args.yes,
+        workers=args.workers,
+    )
+
+
+def restore_from(
+    state: State, snapshot: str, target_path: str, *, delta: bool, yes: bool, workers: int
+) -> None:
+    """Restore ``snapshot`` of ``state``'s host to ``target_path`` (also the installed agent's
+    ``dingyuan agent restore``)."""
+    vault = state.vault()
+    snapshot_id = resolve(vault, state.host, snapshot)
     try:
         layout = Layout.fetch(vault, snapshot_id)
     except VaultRefused as e:
@@ -123,28 +137,28 @@ def cmd_restore(args: argparse.Namespace) -> None:
             f"the vault has no snapshot {snapshot_id[:12]} of host {state.host} ({e.kwargs['detail']}); "
             "'list' shows this host's snapshots"
         ) from None
-    target = open_target(args.target, layout.size, create=not args.delta)
+    target = open_target(target_path, layout.size, create=not delta)
     try:
-        if not args.yes:
-            _confirm(layout, args.target, args.delta)
+        if not yes:
+            _confirm(layout, target_path, delta)
     except BaseException:
         target.close()
         if target.created:
-            os.unlink(args.target)
+            os.unlink(target_path)
         raise
     try:
-        restorer = Restorer(vault, layout, target, args.workers)
-        stats = restorer.delta() if args.delta else restorer.full()
+        restorer = Restorer(vault, layout, target, workers)
+        stats = restorer.delta() if delta else restorer.full()
     except BaseException:
         print(
-            f"{PROG}: {args.target} is incomplete: run the restore again (--delta fetches only what differs)",
+            f"{PROG}: {target_path} is incomplete: run the restore again (--delta fetches only what differs)",
             file=sys.stderr,
         )
         raise
     finally:
         target.close()
-    kind = "delta restore" if args.delta else "restore"
-    print(f"{kind} of snapshot {snapshot_id[:12]} ({layout.volume}) to {args.target} done: {stats.line()}")
+    kind = "delta restore" if delta else "restore"
+    print(f"{kind} of snapshot {snapshot_id[:12]} ({layout.volume}) to {target_path} done: {stats.line()}")
 
 
 def _confirm(layout: Layout, target: str, delta: bool) -> None:
