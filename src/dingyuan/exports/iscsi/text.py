@@ -207,6 +207,8 @@ _SESSION_WIDE = frozenset(
     }
 )
 
+_MARKERS = frozenset({"IFMarker", "OFMarker", "IFMarkInt", "OFMarkInt"})
+
 _SESSION_TYPES = frozenset({"Normal", "Discovery"})
 
 
@@ -268,6 +270,10 @@ def negotiate(
             else:
                 params = replace(params, max_recv_data_segment_length=n)
                 answers.append((key, str(config.max_recv_data_segment_length)))
+        elif key in _MARKERS:
+            # RFC 7143 section 13.25 obsoletes markers; answering "No" (which it allows) keeps
+            # RFC 3720 initiators that offer them logging in.
+            answers.append((key, "No" if key in ("IFMarker", "OFMarker") else REJECT))
         elif key in _SESSION_WIDE and discovery:
             answers.append((key, IRRELEVANT))
         elif key in _LIST:
