@@ -45,6 +45,7 @@ from .backup import BATCH_BYTES, INFLIGHT, BatchResult, RepoSink, _Worker
 from .format import CLONE_MAP_MAGIC, ZERO_ID, BlobType, Codec, clone_name, encode_tree_node
 from .image import SnapshotImage
 from .manifest import CloneInfo, Snapshot, utcnow
+from .ranges import check_range, chunk_parts, state_runs
 from .repo import Repository
 from .tree import TreeBuilder
 from .writer import BlobWriter
@@ -279,23 +280,10 @@ class CloneDevice:
         return self._cs
 
     def _check(self, offset: int, length: int) -> None:
-        if self._closed:
-            raise ExportError(f"{self.name} is closed")
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            raise UsageError(f"range {offset}+{length} is outside {self.name} ({self.size} bytes)")
+        check_range(self.name, self._closed, self.size, offset, length)
 
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(state, start, end)`` byte ranges of equal chunk state covering the range."""
-        cs, end = self._cs, offset + length
-        first, last = offset // cs, (end - 1) // cs + 1
-        states = bytes(self.overlay.state[first:last])
-        n = 0
-        while n < len(states):
-            m = n
-            while m < len(states) and states[m] == states[n]:
-                m += 1
-            yield states[n], max(offset, (first + n) * cs), min(end, (first + m) * cs)
-            n = m
+        return state_runs(self.overlay.state, self._cs, offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
@@ -313,13 +301,7 @@ class CloneDevice:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _chunk_parts(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(chunk index, start, end)`` of the range, offsets within the chunk."""
-        cs, pos, end = self._cs, offset, offset + length
-        while pos < end:
-            i = pos // cs
-            stop = min(end, (i + 1) * cs)
-            yield i, pos - i * cs, stop - i * cs
-            pos = stop
+        return chunk_parts(self._cs, offset, length)
 
     def _chunk_len(self, i: int) -> int:
         return min(self._cs, self.size - i * self._cs)

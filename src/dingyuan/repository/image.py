@@ -42,11 +42,11 @@ from ..errors import (
     ObjectNotFound,
     ReadOnlyDevice,
     RepositoryError,
-    UsageError,
 )
 from .cache import Location
 from .format import ZERO_ID, pack_name
 from .manifest import Snapshot
+from .ranges import check_range
 from .repo import Repository
 from .restore import Run, plan_runs
 
@@ -333,10 +333,7 @@ class SnapshotImage:
 
     # checks ----------------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
-        if self._closed:
-            raise ExportError(f"{self.name} is closed")
-        if offset < 0 or length <= 0 or offset + length > self.size:
-            raise UsageError(f"range {offset}+{length} is outside {self.name} ({self.size} bytes)")
+        check_range(self.name, self._closed, self.size, offset, length)
 
     def _refuse(self) -> None:
         raise ReadOnlyDevice(name=self.name, detail="a snapshot never changes; write to a clone of it")

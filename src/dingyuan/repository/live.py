@@ -63,6 +63,7 @@ from .format import ZERO_ID
 from .image import SnapshotImage
 from .locks import RepoLock
 from .manifest import Snapshot
+from .ranges import check_range, chunk_parts, state_runs
 from .repo import Repository
 
 # DO NOT MODIFY: restores in progress depend on this layout (docs/live-restore.md).
@@ -560,32 +561,13 @@ class LiveRestore:
 
     # helpers ---------------------------------------------------------------------------------
     def _check(self, offset: int, length: int) -> None:
-        if self._closed:
-            raise ExportError(f"{self.name} is closed")
-        if offset < 0 or length <= 0 or offset + length > self.snap.size:
-            raise UsageError(f"range {offset}+{length} is outside {self.name} ({self.snap.size} bytes)")
+        check_range(self.name, self._closed, self.snap.size, offset, length)
 
     def _state_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(restored, start, end)`` byte ranges of equal chunk state covering the range."""
-        cs, end = self._cs, offset + length
-        first, last = offset // cs, (end - 1) // cs + 1
-        states = bytes(self._state[first:last])
-        n = 0
-        while n < len(states):
-            m = n
-            while m < len(states) and states[m] == states[n]:
-                m += 1
-            yield states[n], max(offset, (first + n) * cs), min(end, (first + m) * cs)
-            n = m
+        return state_runs(self._state, self._cs, offset, length)
 
     def _chunk_parts(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """``(chunk index, start, end)`` of the range, offsets within the chunk."""
-        cs, pos, end = self._cs, offset, offset + length
-        while pos < end:
-            i = pos // cs
-            stop = min(end, (i + 1) * cs)
-            yield i, pos - i * cs, stop - i * cs
-            pos = stop
+        return chunk_parts(self._cs, offset, length)
 
     def _pread(self, offset: int, length: int) -> bytes:
         try:
