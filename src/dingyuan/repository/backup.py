@@ -192,7 +192,7 @@ class RepoSink:
         self.writer.flush()
 
 
-class _Worker:
+class BatchWorker:
     """Per-batch work, run in a thread pool (BLAKE3, zstd and AES release the GIL)."""
 
     def __init__(self, sink: BlobSink, fd: int, source: str, cs: int) -> None:
@@ -383,7 +383,7 @@ def scan(
         return nid
 
     builder = TreeBuilder(fanout, nchunks, store_node)
-    work = _Worker(sink, fd, source, cs)
+    work = BatchWorker(sink, fd, source, cs)
     per_batch = max(1, batch_bytes // cs)
     inflight: deque[tuple[list[Run], Future[BatchResult]]] = deque()
 

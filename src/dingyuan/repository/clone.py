@@ -41,7 +41,7 @@ from typing import Any
 import blake3
 
 from ..errors import CloneBusy, CloneNotFound, ExportError, SnapshotNotFound, UsageError
-from .backup import BATCH_BYTES, INFLIGHT, BatchResult, RepoSink, _Worker
+from .backup import BATCH_BYTES, INFLIGHT, BatchResult, BatchWorker, RepoSink
 from .format import CLONE_MAP_MAGIC, ZERO_ID, BlobType, Codec, clone_name, encode_tree_node
 from .image import SnapshotImage
 from .manifest import CloneInfo, Snapshot, utcnow
@@ -647,7 +647,7 @@ def _hash_overlay(
             if not room:
                 batches.append([])
                 room = per_batch
-    work = _Worker(sink, dev.overlay.data_fd, dev.name, cs)
+    work = BatchWorker(sink, dev.overlay.data_fd, dev.name, cs)
     ids: dict[int, bytes] = {}
     chunks_new = bytes_new = 0
     inflight: deque[tuple[list[tuple[int, int]], Future[BatchResult]]] = deque()
