@@ -74,7 +74,8 @@ class ModeState:
         """One page as MODE SENSE reports it for page control ``control`` (0 current, 1
         changeable, 2 default)."""
         if control == 1:
-            return _PAGES[code][1]
+            default, mask = _PAGES[code]
+            return default[:2] + mask[2:]
         if control == 2:
             return _PAGES[code][0]
         with self._lock:
