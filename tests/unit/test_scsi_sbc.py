@@ -10,10 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from dingyuan.errors import StorageFull, StorageIOError
-from dingyuan.exports.blockdev import FileDevice
-from dingyuan.exports.scsi import LogicalUnit, ScsiTarget
 from scsi_support import (
     BLOCK,
     DEVICE_ID,
@@ -54,6 +50,10 @@ from scsi_support import (
     unmap,
     unmap_list,
 )
+
+from dingyuan.errors import StorageFull, StorageIOError
+from dingyuan.exports.blockdev import FileDevice
+from dingyuan.exports.scsi import LogicalUnit, ScsiTarget
 
 BLOCKS = 2048  # 1 MiB
 

@@ -8,9 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from dingyuan.exports.scsi import LogicalUnit, ScsiTarget
-from dingyuan.exports.blockdev import FileDevice
 from scsi_support import (
     BLOCK,
     DEVICE_ID,
@@ -33,6 +30,9 @@ from scsi_support import (
     rsoc,
     rw10,
 )
+
+from dingyuan.exports.blockdev import FileDevice
+from dingyuan.exports.scsi import LogicalUnit, ScsiTarget
 
 BLOCKS = 2048
 
