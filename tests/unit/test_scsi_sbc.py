@@ -140,25 +140,25 @@ def test_transfer_length_zero_is_a_no_op(disk: tuple[Harness, bytearray]) -> Non
 
 
 @pytest.mark.parametrize(
-    "cdb",
+    ("cdb", "data"),
     [
-        rw10(READ10, BLOCKS, 1),
-        rw10(READ10, BLOCKS - 1, 2),
-        rw16(READ16, 2**64 - 1, 1),
-        rw12(READ12, 0xFFFFFFFF, 1),
-        rw6(READ6, BLOCKS - 10, 0),
-        rw10(WRITE10, BLOCKS - 1, 2),
-        rw16(WRITE16, 2**63, 1),
-        rw10(VERIFY10, BLOCKS, 1),
-        rw16(WRITE_SAME16, BLOCKS - 1, 2),
-        rw10(SYNC10, BLOCKS, 1),
-        rw16(PREFETCH16, BLOCKS + 5, 1),
+        (rw10(READ10, BLOCKS, 1), b""),
+        (rw10(READ10, BLOCKS - 1, 2), b""),
+        (rw16(READ16, 2**64 - 1, 1), b""),
+        (rw12(READ12, 0xFFFFFFFF, 1), b""),
+        (rw6(READ6, BLOCKS - 10, 0), b""),
+        (rw10(WRITE10, BLOCKS - 1, 2), bytes(2 * BLOCK)),
+        (rw16(WRITE16, 2**63, 1), bytes(BLOCK)),
+        (rw10(VERIFY10, BLOCKS, 1), b""),
+        (rw16(WRITE_SAME16, BLOCKS - 1, 2), bytes(BLOCK)),
+        (compare_and_write(BLOCKS, 1), bytes(2 * BLOCK)),
+        (rw10(SYNC10, BLOCKS, 1), b""),
+        (rw16(PREFETCH16, BLOCKS + 5, 1), b""),
     ],
 )
-def test_lba_out_of_range(disk: tuple[Harness, bytearray], cdb: bytes) -> None:
+def test_lba_out_of_range(disk: tuple[Harness, bytearray], cdb: bytes, data: bytes) -> None:
     h, content = disk
-    need = struct.unpack(">H", cdb[7:9])[0] if cdb[0] in (WRITE10,) else 0
-    sense = h.fails(cdb, bytes(max(need, 1) * BLOCK * 2))
+    sense = h.fails(cdb, data)
     assert (sense.key, sense.asc, sense.ascq) == (0x05, 0x21, 0x00)
     assert h.path.read_bytes() == content
 
@@ -182,17 +182,32 @@ def test_reserved_bits_point_at_the_field(disk: tuple[Harness, bytearray]) -> No
     assert h.fails(bytes(cdb)).field == bytes((0xCA, 0, 9))
 
 
-def test_short_data_out_writes_nothing_and_long_is_cut(disk: tuple[Harness, bytearray]) -> None:
+def test_data_out_of_another_length(disk: tuple[Harness, bytearray]) -> None:
+    """What libiscsi's iSCSIResiduals and InvalidDataOutSize tests expect: a WRITE with fewer
+    whole blocks than its CDB writes those blocks, a partial block writes nothing, more Data-Out
+    than needed is cut; WRITE SAME and COMPARE AND WRITE take exactly their length only."""
     h, content = disk
-    response = h.run(rw10(WRITE10, 5, 2), b"x" * (BLOCK + 1))
-    assert response.status == 0x02
-    assert response.data_out_length == 2 * BLOCK
+    response = h.run(rw10(WRITE10, 5, 2), b"x" * (BLOCK + 200))
+    assert (response.status, response.data_out_length) == (0x02, 2 * BLOCK)
     sense = parse_sense(response.sense)
     assert (sense.key, sense.asc, sense.ascq) == (0x05, 0x0E, 0x03)
     assert h.path.read_bytes() == content
+    response = h.run(rw10(WRITE10, 5, 2), b"w" * BLOCK)
+    assert (response.status, response.data_out_length) == (0, 2 * BLOCK)
+    content[5 * BLOCK : 6 * BLOCK] = b"w" * BLOCK
+    assert h.path.read_bytes() == content
+    assert h.run(rw16(WRITE_VERIFY16, 9, 1), b"").status == 0  # nothing sent, nothing written
     response = h.run(rw10(WRITE10, 5, 1), b"y" * (3 * BLOCK))
     assert (response.status, response.data_out_length) == (0, BLOCK)
     content[5 * BLOCK : 6 * BLOCK] = b"y" * BLOCK
+    assert h.path.read_bytes() == content
+    for cdb, data in [
+        (rw10(WRITE_SAME10, 0, 4), bytes(BLOCK // 2)),
+        (rw10(WRITE_SAME10, 0, 4), bytes(2 * BLOCK)),
+        (compare_and_write(0, 1), bytes(4 * BLOCK)),
+        (compare_and_write(0, 2), bytes(2 * BLOCK)),
+    ]:
+        assert (h.fails(cdb, data).asc, h.fails(cdb, data).ascq) == (0x0E, 0x03)
     assert h.path.read_bytes() == content
 
 

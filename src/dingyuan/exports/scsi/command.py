@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from dingyuan.exports.scsi.target import LogicalUnit, Nexus
 
 
+class DataOut(Enum):
+    """What a command does with Data-Out of another length than its CDB asks for. Longer is
+    cut to the length asked for, shorter refused with INVALID FIELD IN INFORMATION UNIT, except:"""
+
+    CUT = "cut"
+    #: WRITE and WRITE AND VERIFY: a shorter Data-Out of whole blocks writes those blocks (the
+    #: initiator's Expected Data Transfer Length limits the transfer; libiscsi's residual tests
+    #: expect GOOD and exactly those blocks written)
+    BLOCKS = "blocks"
+    #: WRITE SAME and COMPARE AND WRITE: any other length is refused (libiscsi InvalidDataOutSize)
+    EXACT = "exact"
+
+
 class Access(Enum):
     """How a command meets a reservation held through another I_T nexus (SPC-4 table 66, SBC-3
     table 13)."""
@@ -37,7 +50,8 @@ class Access(Enum):
 
 @dataclass(frozen=True)
 class Request:
-    """One command as a handler sees it: ``data_out`` is already cut to what the CDB asks for."""
+    """One command as a handler sees it: ``data_out`` is what the CDB asks for, or for
+    :attr:`DataOut.BLOCKS` commands possibly fewer whole blocks."""
 
     cdb: bytes
     data_out: bytes
@@ -59,6 +73,7 @@ class Command:
     service_action: int | None = None
     #: bytes of Data-Out the CDB asks for, given the CDB (None: the command takes no Data-Out)
     data_out: Callable[[bytes], int] | None = None
+    data_out_policy: DataOut = DataOut.CUT
     #: (offset, width) of the ALLOCATION LENGTH field the Data-In is cut to
     allocation: tuple[int, int] | None = None
     #: True for commands whose device errors are write errors (sense, and the write gate)

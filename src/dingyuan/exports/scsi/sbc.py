@@ -18,10 +18,11 @@ when the block is all zero, so it always reads back as written. GET LBA STATUS r
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dingyuan.exports.blockdev import BlockDevice
-from dingyuan.exports.scsi.command import Access, Command, Request, be
+from dingyuan.exports.scsi.command import Access, Command, DataOut, Handler, Request, be
 from dingyuan.exports.scsi.gate import WriteGate
 from dingyuan.exports.scsi.sense import (
     MISCOMPARE_DURING_VERIFY,
@@ -111,7 +112,7 @@ def _write(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte: int, 
     disk = lu.disk
     disk.check_writable()
     disk.check(lba, count, length_byte)
-    if count:
+    if data:  # fewer blocks than ``count`` when the initiator sent fewer (DataOut.BLOCKS)
         disk.write(lba, data, bool(flags & _FUA) or not lu.modes.write_cache)
     return b""
 
@@ -227,10 +228,10 @@ def _write_verify(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte
     disk = lu.disk
     disk.check_writable()
     disk.check(lba, count, length_byte)
-    if not count:
+    if not data:  # fewer blocks than ``count`` when the initiator sent fewer (DataOut.BLOCKS)
         return b""
     disk.write(lba, data, True)
-    stored = disk.device.read(lba << BLOCK_SHIFT, count << BLOCK_SHIFT)
+    stored = disk.device.read(lba << BLOCK_SHIFT, len(data))
     if flags & 0x02:
         _compare(data, stored)
     return b""
@@ -503,107 +504,70 @@ def _u(opcode: int, flags: int, rest: bytes) -> bytes:
     return bytes((opcode, flags)) + rest
 
 
-W = Access.WRITE
 R = Access.READ
+_BLOCKS, _EXACT = DataOut.BLOCKS, DataOut.EXACT
+_SLOW = (5, 300)  # timeouts of the commands that may touch the whole device
+
+
+def _writer(
+    opcode: int,
+    name: str,
+    usage: bytes,
+    run: Handler,
+    data_out: Callable[[bytes], int] | None,
+    policy: DataOut = DataOut.CUT,
+    timeouts: tuple[int, int] = (1, 30),
+) -> Command:
+    return Command(
+        opcode,
+        name,
+        usage,
+        run,
+        Access.WRITE,
+        data_out=data_out,
+        data_out_policy=policy,
+        writes=True,
+        timeouts=timeouts,
+    )
+
 
 COMMANDS = (
     Command(0x08, "READ(6)", bytes((0x08,)) + _U6, read6, R),
     Command(0x28, "READ(10)", _u(0x28, 0xFC, _U10), read10, R),
     Command(0xA8, "READ(12)", _u(0xA8, 0xFC, _U12), read12, R),
     Command(0x88, "READ(16)", _u(0x88, 0xFC, _U16), read16, R),
-    Command(0x0A, "WRITE(6)", bytes((0x0A,)) + _U6, write6, W, data_out=_write6_out, writes=True),
-    Command(0x2A, "WRITE(10)", _u(0x2A, 0xF8, _U10), write10, W, data_out=_Length(7, 2), writes=True),
-    Command(0xAA, "WRITE(12)", _u(0xAA, 0xF8, _U12), write12, W, data_out=_Length(6, 4), writes=True),
-    Command(0x8A, "WRITE(16)", _u(0x8A, 0xF8, _U16), write16, W, data_out=_Length(10, 4), writes=True),
+    _writer(0x0A, "WRITE(6)", bytes((0x0A,)) + _U6, write6, _write6_out, _BLOCKS),
+    _writer(0x2A, "WRITE(10)", _u(0x2A, 0xF8, _U10), write10, _Length(7, 2), _BLOCKS),
+    _writer(0xAA, "WRITE(12)", _u(0xAA, 0xF8, _U12), write12, _Length(6, 4), _BLOCKS),
+    _writer(0x8A, "WRITE(16)", _u(0x8A, 0xF8, _U16), write16, _Length(10, 4), _BLOCKS),
     Command(0x2F, "VERIFY(10)", _u(0x2F, 0xF6, _U10), verify10, R, data_out=_verify10_out),
     Command(0xAF, "VERIFY(12)", _u(0xAF, 0xF6, _U12), verify12, R, data_out=_verify12_out),
     Command(0x8F, "VERIFY(16)", _u(0x8F, 0xF6, _U16), verify16, R, data_out=_verify16_out),
-    Command(
-        0x2E,
-        "WRITE AND VERIFY(10)",
-        _u(0x2E, 0xF6, _U10),
-        write_verify10,
-        W,
-        data_out=_Length(7, 2),
-        writes=True,
-    ),
-    Command(
-        0xAE,
-        "WRITE AND VERIFY(12)",
-        _u(0xAE, 0xF6, _U12),
-        write_verify12,
-        W,
-        data_out=_Length(6, 4),
-        writes=True,
-    ),
-    Command(
-        0x8E,
-        "WRITE AND VERIFY(16)",
-        _u(0x8E, 0xF6, _U16),
-        write_verify16,
-        W,
-        data_out=_Length(10, 4),
-        writes=True,
-    ),
-    Command(
-        0x41,
-        "WRITE SAME(10)",
-        _u(0x41, 0xF8, _U10),
-        write_same10,
-        W,
-        data_out=_write_same10_out,
-        writes=True,
-        timeouts=(5, 300),
-    ),
-    Command(
-        0x93,
-        "WRITE SAME(16)",
-        _u(0x93, 0xF9, _U16),
-        write_same16,
-        W,
-        data_out=_write_same16_out,
-        writes=True,
-        timeouts=(5, 300),
-    ),
-    Command(
+    _writer(0x2E, "WRITE AND VERIFY(10)", _u(0x2E, 0xF6, _U10), write_verify10, _Length(7, 2), _BLOCKS),
+    _writer(0xAE, "WRITE AND VERIFY(12)", _u(0xAE, 0xF6, _U12), write_verify12, _Length(6, 4), _BLOCKS),
+    _writer(0x8E, "WRITE AND VERIFY(16)", _u(0x8E, 0xF6, _U16), write_verify16, _Length(10, 4), _BLOCKS),
+    _writer(0x41, "WRITE SAME(10)", _u(0x41, 0xF8, _U10), write_same10, _write_same10_out, _EXACT, _SLOW),
+    _writer(0x93, "WRITE SAME(16)", _u(0x93, 0xF9, _U16), write_same16, _write_same16_out, _EXACT, _SLOW),
+    _writer(
         0x42,
         "UNMAP",
         bytes((0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x00)),
         unmap,
-        W,
-        data_out=_unmap_out,
-        writes=True,
-        timeouts=(5, 300),
+        _unmap_out,
+        timeouts=_SLOW,
     ),
-    Command(
+    _writer(
         0x89,
         "COMPARE AND WRITE",
-        bytes((0x89, 0xF8)) + bytes((0xFF,) * 8) + bytes((0, 0, 0, 0xFF, 0x1F, 0x00)),
+        bytes((0x89, 0xF8, *(0xFF,) * 8, 0, 0, 0, 0xFF, 0x1F, 0x00)),
         compare_and_write,
-        W,
-        data_out=_compare_and_write_out,
-        writes=True,
+        _compare_and_write_out,
+        _EXACT,
     ),
-    Command(0x34, "PRE-FETCH(10)", _u(0x34, 0x02, _U10), prefetch10, R, timeouts=(5, 300)),
-    Command(0x90, "PRE-FETCH(16)", _u(0x90, 0x02, _U16), prefetch16, R, timeouts=(5, 300)),
-    Command(
-        0x35,
-        "SYNCHRONIZE CACHE(10)",
-        _u(0x35, 0x06, _U10),
-        synchronize_cache10,
-        W,
-        writes=True,
-        timeouts=(5, 300),
-    ),
-    Command(
-        0x91,
-        "SYNCHRONIZE CACHE(16)",
-        _u(0x91, 0x06, _U16),
-        synchronize_cache16,
-        W,
-        writes=True,
-        timeouts=(5, 300),
-    ),
+    Command(0x34, "PRE-FETCH(10)", _u(0x34, 0x02, _U10), prefetch10, R, timeouts=_SLOW),
+    Command(0x90, "PRE-FETCH(16)", _u(0x90, 0x02, _U16), prefetch16, R, timeouts=_SLOW),
+    _writer(0x35, "SYNCHRONIZE CACHE(10)", _u(0x35, 0x06, _U10), synchronize_cache10, None, timeouts=_SLOW),
+    _writer(0x91, "SYNCHRONIZE CACHE(16)", _u(0x91, 0x06, _U16), synchronize_cache16, None, timeouts=_SLOW),
     Command(
         0x25,
         "READ CAPACITY(10)",
@@ -614,7 +578,7 @@ COMMANDS = (
     Command(
         0x9E,
         "READ CAPACITY(16)",
-        bytes((0x9E, 0x1F)) + bytes((0xFF,) * 12) + bytes((0x01, 0x00)),
+        bytes((0x9E, 0x1F, *(0xFF,) * 12, 0x01, 0x00)),
         read_capacity16,
         Access.STATUS,
         service_action=0x10,
@@ -623,7 +587,7 @@ COMMANDS = (
     Command(
         0x9E,
         "GET LBA STATUS",
-        bytes((0x9E, 0x1F)) + bytes((0xFF,) * 12) + bytes((0x00, 0x00)),
+        bytes((0x9E, 0x1F, *(0xFF,) * 12, 0x00, 0x00)),
         get_lba_status,
         R,
         service_action=0x12,

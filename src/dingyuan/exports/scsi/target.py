@@ -4,7 +4,8 @@ reservations, mode pages, PREVENT state).
 
 Order of the checks on every command, as SAM-5 and SPC-4 rank them: a pending unit attention
 (except for INQUIRY, REPORT LUNS and REQUEST SENSE), an unknown operation code or service action,
-a reserved CDB bit, Data-Out shorter than the CDB needs, a reservation conflict, then the command's
+a reserved CDB bit, Data-Out of the wrong length (:class:`~dingyuan.exports.scsi.command.DataOut`),
+a reservation conflict, then the command's
 own checks. Nothing raises out of :meth:`ScsiTarget.execute` but a bug: every failure is a
 :class:`Response` with CHECK CONDITION (or RESERVATION CONFLICT) and its sense data.
 
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 from dingyuan.errors import DingyuanError, ReadOnlyDevice, StorageFull, UsageError
 from dingyuan.exports.blockdev import BlockDevice
 from dingyuan.exports.scsi import inquiry, modes, reservations, sbc, spc
-from dingyuan.exports.scsi.command import Command, Request, be
+from dingyuan.exports.scsi.command import Command, DataOut, Request, be
 from dingyuan.exports.scsi.inquiry import Identity
 from dingyuan.exports.scsi.modes import ModeState
 from dingyuan.exports.scsi.reservations import ReservationConflict, Reservations
-from dingyuan.exports.scsi.sbc import Disk
+from dingyuan.exports.scsi.sbc import BLOCK, Disk
 from dingyuan.exports.scsi.sense import (
     BUS_DEVICE_RESET,
     CHECK_CONDITION,
@@ -199,13 +200,10 @@ class LogicalUnit:
             if command is None:
                 raise _unsupported(cdb)
             command.check_cdb(cdb)
-            if command.data_out is not None:
-                if len(data_out) < need:
-                    raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_INFORMATION_UNIT)
-                if len(data_out) > need:
-                    data_out = data_out[:need]
-            else:
+            if command.data_out is None:
                 data_out = b""
+            elif len(data_out) != need:
+                data_out = _fit(command.data_out_policy, data_out, need)
             if self.reservations.active:
                 self.reservations.check(nexus, command.access, cdb)
             data = command.run(self, Request(cdb, data_out, nexus, luns))
@@ -222,6 +220,15 @@ class LogicalUnit:
             key, asc = _device_error(e, command is not None and command.writes)
             sense = encode_sense(key, asc, self.modes.d_sense)
             return Response(CHECK_CONDITION, sense=sense, data_out_length=need)
+
+
+def _fit(policy: DataOut, data_out: bytes, need: int) -> bytes:
+    """Data-Out of another length than the CDB's, as the command's policy says."""
+    if len(data_out) > need and policy is not DataOut.EXACT:
+        return data_out[:need]
+    if len(data_out) < need and policy is DataOut.BLOCKS and not len(data_out) % BLOCK:
+        return data_out
+    raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_INFORMATION_UNIT)
 
 
 def _lookup(cdb: bytes) -> Command | None:
