@@ -227,6 +227,7 @@ def test_read_only_device_refuses_every_write(tmp_path: Path) -> None:
         (rw10(WRITE10, 0, 1), bytes(BLOCK)),
         (rw16(WRITE16, 0, 0), b""),
         (rw10(WRITE_SAME10, 0, 1, 0x08), bytes(BLOCK)),
+        (rw10(WRITE_SAME10, 0, 1, 0x08), b""),  # WRITE PROTECTED before the missing block
         (unmap(24), unmap_list([(0, 8)])),
         (compare_and_write(0, 1), content[:BLOCK] + bytes(BLOCK)),
         (rw16(WRITE_VERIFY16, 0, 1), bytes(BLOCK)),

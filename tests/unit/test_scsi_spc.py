@@ -263,3 +263,31 @@ def test_request_sense_without_attention_is_no_sense(h: Harness) -> None:
     data = h.ok(request_sense())
     assert len(data) == 18 and data[0] == 0x70 and data[2] == 0 and data[12:14] == b"\0\0"
     assert h.ok(request_sense(desc=True))[0] == 0x72
+
+
+def test_start_stop_unit_on_a_disk_that_cannot_be_removed(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    make_disk(path, 16)
+    flushes = []
+
+    class Counting(FileDevice):
+        def flush(self) -> None:
+            flushes.append(1)
+            super().flush()
+
+    target = ScsiTarget({0: LogicalUnit(Counting(path), serial="S", device_id=DEVICE_ID)})
+
+    def start_stop(immed: int, flags: int) -> tuple[int, bytes]:
+        response = target.execute(0, pad(bytes((0x1B, immed, 0, 0, flags, 0))), b"", A)
+        return response.status, response.sense[12:14]
+
+    assert start_stop(1, 0x02) == (0x02, b"\x24\x00")  # eject (LOEJ, START=0)
+    assert start_stop(0, 0x03) == (0x02, b"\x24\x00")  # load
+    assert start_stop(0, 0x01) == (0, b"")
+    assert start_stop(1, 0x00) == (0, b"")  # stop: flushed
+    assert start_stop(0, 0x04) == (0, b"")  # stop with NO_FLUSH
+    assert start_stop(0, 0x32) == (0, b"")  # a power condition: LOEJ ignored
+    assert flushes == [1]
+    assert target.execute(0, pad(bytes((0x1E, 0, 0, 0, 1, 0))), b"", A).status == 0
+    assert target.execute(0, pad(TUR), b"", A).status == 0
+    target.close()

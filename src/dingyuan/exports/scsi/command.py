@@ -48,7 +48,7 @@ class Access(Enum):
     PREVENT = "prevent"  # PREVENT=0 is free, the rest a write
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     """One command as a handler sees it: ``data_out`` is what the CDB asks for, or for
     :attr:`DataOut.BLOCKS` commands possibly fewer whole blocks."""
@@ -77,6 +77,7 @@ class Command:
     #: (offset, width) of the ALLOCATION LENGTH field the Data-In is cut to
     allocation: tuple[int, int] | None = None
     #: True for commands whose device errors are write errors (sense, and the write gate)
+    #: True for commands that write or flush the medium: their device errors are write errors
     writes: bool = False
     #: nominal and recommended timeouts in seconds (REPORT SUPPORTED OPERATION CODES, RCTD)
     timeouts: tuple[int, int] = (1, 30)
@@ -85,6 +86,13 @@ class Command:
     def __post_init__(self) -> None:
         inverse = ~int.from_bytes(self.usage, "big") & ((1 << (8 * len(self.usage))) - 1)
         object.__setattr__(self, "_reserved", inverse)
+
+    @property
+    def changes_medium(self) -> bool:
+        """Writes data to the medium (every such command has Data-Out): on a read-only unit it
+        fails with WRITE PROTECTED before anything else is checked, as libiscsi's ReadOnly test
+        expects even of a WRITE SAME without its block."""
+        return self.writes and self.data_out is not None
 
     def check_cdb(self, cdb: bytes) -> None:
         """Refuse a CDB shorter than the command or with a bit set outside ``usage``."""

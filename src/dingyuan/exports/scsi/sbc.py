@@ -110,7 +110,6 @@ def _read(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte: int) -
 def _write(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte: int, data: bytes) -> bytes:
     _protect(flags)
     disk = lu.disk
-    disk.check_writable()
     disk.check(lba, count, length_byte)
     if data:  # fewer blocks than ``count`` when the initiator sent fewer (DataOut.BLOCKS)
         disk.write(lba, data, bool(flags & _FUA) or not lu.modes.write_cache)
@@ -226,7 +225,6 @@ def _write_verify(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte
     if _bytchk(flags) == 0b11:
         raise invalid_cdb(1, 2)
     disk = lu.disk
-    disk.check_writable()
     disk.check(lba, count, length_byte)
     if not data:  # fewer blocks than ``count`` when the initiator sent fewer (DataOut.BLOCKS)
         return b""
@@ -264,7 +262,6 @@ def _write_same(lu: LogicalUnit, lba: int, count: int, flags: int, length_byte: 
     if flags & 0x10:  # ANCHOR: no anchored state (ANC_SUP=0)
         raise invalid_cdb(1, 4)
     disk = lu.disk
-    disk.check_writable()
     disk.check(lba, count, length_byte, MAX_WRITE_SAME)
     if not count:
         raise invalid_cdb(length_byte)
@@ -309,7 +306,6 @@ def unmap(lu: LogicalUnit, req: Request) -> bytes:
     if len(data) < 8:
         raise parameter_list_length_error()
     disk = lu.disk
-    disk.check_writable()
     described = min(be(data, 2, 2), len(data) - 8) // 16
     if described > MAX_UNMAP_DESCRIPTORS:
         raise invalid_parameter(2)
@@ -339,7 +335,6 @@ def compare_and_write(lu: LogicalUnit, req: Request) -> bytes:
     _protect(flags)
     lba, count = be(cdb, 2, 8), cdb[13]
     disk = lu.disk
-    disk.check_writable()
     disk.check(lba, count, 13, MAX_COMPARE_AND_WRITE)
     if not count:
         return b""

@@ -3,8 +3,8 @@ commands: TEST UNIT READY, REQUEST SENSE, REPORT LUNS, REPORT SUPPORTED OPERATIO
 STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL (SPC-4 chapter 6, SBC-3 5.25).
 
 A disk here is never removable and never stopped: START STOP UNIT and PREVENT ALLOW MEDIUM
-REMOVAL are accepted (PREVENT is remembered per I_T nexus until it allows again, loses the nexus
-or is reset) and change nothing else.
+REMOVAL are accepted and change nothing (but a flush), so there is no PREVENT state to keep,
+release on I_T nexus loss or reset; loading or ejecting (LOEJ) is refused.
 """
 
 from __future__ import annotations
@@ -101,15 +101,20 @@ def report_supported_operation_codes(lu: LogicalUnit, req: Request) -> bytes:
 
 
 def start_stop_unit(lu: LogicalUnit, req: Request) -> bytes:
-    """Stopping a disk flushes its cache (unless NO_FLUSH), as a drive's spin-down would."""
+    """Stopping a disk flushes its cache (unless NO_FLUSH), as a drive's spin-down would; a
+    medium that is not removable cannot be loaded or ejected (LOEJ)."""
     flags = req.cdb[4]
-    if not flags & 0x01 and not flags >> 4 and not flags & 0x04:
+    if flags >> 4:  # a power condition: LOEJ and START are ignored
+        return b""
+    if flags & 0x02:
+        raise invalid_cdb(4, 1)
+    if not flags & 0x01 and not flags & 0x04:
         lu.disk.device.flush()
     return b""
 
 
 def prevent_allow_medium_removal(lu: LogicalUnit, req: Request) -> bytes:
-    lu.set_prevent(req.nexus, bool(req.cdb[4] & 0x03))
+    """Accepted and forgotten: a medium that cannot be removed needs no preventing."""
     return b""
 
 

@@ -1,6 +1,6 @@
 """The SCSI target the iSCSI transport calls: a LUN map of logical units, each dispatching CDBs
 through one command table, with the state SPC-4 keeps per logical unit (unit attentions,
-reservations, mode pages, PREVENT state).
+reservations, mode pages).
 
 Order of the checks on every command, as SAM-5 and SPC-4 rank them: a pending unit attention
 (except for INQUIRY, REPORT LUNS and REQUEST SENSE), an unknown operation code or service action,
@@ -127,7 +127,6 @@ class LogicalUnit:
         self._lock = threading.Lock()
         self._nexuses: set[Nexus] = set()
         self._attentions: dict[Nexus, list[Asc]] = {}
-        self._prevent: set[Nexus] = set()
         self.reservations = Reservations(self._post)
 
     # -- unit attentions --------------------------------------------------------------------------
@@ -157,28 +156,13 @@ class LogicalUnit:
                 del self._attentions[nexus]
             return asc
 
-    # -- PREVENT ALLOW, I_T nexus loss, reset -----------------------------------------------------
-
-    def set_prevent(self, nexus: Nexus, prevent: bool) -> None:
-        with self._lock:
-            if prevent:
-                self._prevent.add(nexus)
-            else:
-                self._prevent.discard(nexus)
-
-    @property
-    def prevented(self) -> bool:
-        """True while some I_T nexus prevents medium removal."""
-        return bool(self._prevent)
+    # -- I_T nexus loss, reset -----------------------------------------------------
 
     def nexus_lost(self, nexus: Nexus) -> None:
         self.reservations.release_reserve6(nexus)
-        self.set_prevent(nexus, False)
 
     def reset(self, nexus: Nexus, asc: Asc) -> None:
         self.reservations.release_reserve6(None)
-        with self._lock:
-            self._prevent.clear()
         self.modes.reset()
         self.unit_attention_others(nexus, asc)
 
@@ -200,6 +184,8 @@ class LogicalUnit:
             if command is None:
                 raise _unsupported(cdb)
             command.check_cdb(cdb)
+            if command.changes_medium:
+                self.disk.check_writable()
             if command.data_out is None:
                 data_out = b""
             elif len(data_out) != need:
