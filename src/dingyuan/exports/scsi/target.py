@@ -2,12 +2,15 @@
 through one command table, with the state SPC-4 keeps per logical unit (unit attentions,
 reservations, mode pages).
 
-Order of the checks on every command, as SAM-5 and SPC-4 rank them: a pending unit attention
-(except for INQUIRY, REPORT LUNS and REQUEST SENSE), an unknown operation code or service action,
-a reserved CDB bit, Data-Out of the wrong length (:class:`~dingyuan.exports.scsi.command.DataOut`),
-a reservation conflict, then the command's
-own checks. Nothing raises out of :meth:`ScsiTarget.execute` but a bug: every failure is a
+Order of the checks on every command: a pending unit attention (except for INQUIRY, REPORT LUNS
+and REQUEST SENSE, SAM-5 5.14), an unknown operation code or service action, a reserved CDB bit,
+a write to a read-only unit, Data-Out of the wrong length (see
+:class:`~dingyuan.exports.scsi.command.DataOut`), a reservation conflict, then the command's own
+checks. Nothing raises out of :meth:`ScsiTarget.execute` but a bug: every failure is a
 :class:`Response` with CHECK CONDITION (or RESERVATION CONFLICT) and its sense data.
+
+Unit attentions go to the I_T nexuses a unit has seen (a nexus that never sent a command has
+nothing to be told); none is set for a new nexus, as most targets do.
 
 ``execute`` runs in many threads at once. The hot path (READ/WRITE with no unit attention and no
 reservation) takes no lock of this module: it reads two container sizes, which the interpreter
@@ -105,7 +108,14 @@ _MAX_ATTENTIONS = 16
 
 
 class LogicalUnit:
-    """One block device as a SCSI direct-access logical unit with 512-byte logical blocks."""
+    """One block device as a SCSI direct-access logical unit with 512-byte logical blocks.
+
+    ``serial`` is the unit serial number (VPD 80h) and ``device_id`` the 16 bytes of its NAA-6
+    designator (VPD 83h; the first nibble is forced to 6): both must stay the same for the same
+    snapshot or clone across exports, since multipath software and clusters key disks by them.
+    The vendor, product and revision strings are printable ASCII of at most 8, 16 and 4
+    characters. The unit owns nothing but its state; :meth:`ScsiTarget.close` closes the device.
+    """
 
     commands: tuple[Command, ...] = COMMANDS
     table: Table = TABLE
@@ -251,7 +261,7 @@ class ScsiTarget:
     def __init__(self, luns: Mapping[int, LogicalUnit]) -> None:
         for lun in luns:
             if not 0 <= lun <= spc.MAX_LUN:
-                raise ValueError(f"LUN {lun} is outside 0..{spc.MAX_LUN}")
+                raise UsageError(f"LUN {lun} is outside 0..{spc.MAX_LUN}")
         self._luns = dict(luns)
         self._numbers = tuple(sorted(self._luns))
 
