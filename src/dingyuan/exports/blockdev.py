@@ -64,6 +64,9 @@ class BlockDevice(Protocol):
     def close(self) -> None: ...
 
 
+#: what a server is given to export: a device, or a factory that opens one at first use
+DeviceSource = BlockDevice | Callable[[], BlockDevice]
+
 #: write_zeroes writes at most this much at once, so zeroing a large range needs no large buffer
 _ZERO_PIECE = 1 << 20
 _ZEROES = bytes(_ZERO_PIECE)

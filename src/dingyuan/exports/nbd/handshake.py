@@ -23,8 +23,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from dingyuan.errors import DingyuanError
+from dingyuan.exports.access import IpAddress
 from dingyuan.exports.nbd import wire
-from dingyuan.exports.nbd.registry import Export, IpAddress, Registry
+from dingyuan.exports.nbd.registry import Export, Registry
 from dingyuan.exports.nbd.transmission import Session, transmission_flags
 
 log = logging.getLogger("dingyuan.nbd")

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 
 from dingyuan.errors import UsageError
-from dingyuan.exports.blockdev import BlockDevice
+from dingyuan.exports import access
+from dingyuan.exports.access import IpAddress, IpNetwork
+from dingyuan.exports.blockdev import BlockDevice, DeviceSource
 from dingyuan.exports.nbd import wire
 
 log = logging.getLogger("dingyuan.nbd")
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DeviceSource = BlockDevice | Callable[[], BlockDevice]
 
 
 class Export:
@@ -49,9 +46,7 @@ class Export:
         self.name = name
         self.description = description
         self.tls_required = tls_required
-        self.allowed_clients = (
-            None if allowed_clients is None else tuple(ipaddress.ip_network(n) for n in allowed_clients)
-        )
+        self.allowed_clients = access.networks(allowed_clients)
         self.label = f"export #{hashlib.sha256(name.encode()).hexdigest()[:10]}"
         self.removed = False
         #: the handler task of each connection in transmission, and how to hang it up
@@ -63,13 +58,8 @@ class Export:
         self._lock = asyncio.Lock()
 
     def admits(self, peer: IpAddress | None) -> bool:
-        """Whether a client at ``peer`` may open this export. A Unix-socket client (``None``) is
-        local and already passed the socket's file permissions; the networks restrict TCP."""
-        if self.allowed_clients is None or peer is None:
-            return True
-        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-            peer = peer.ipv4_mapped
-        return any(peer in network for network in self.allowed_clients)
+        """Whether a client at ``peer`` may open this export (see :func:`access.admits`)."""
+        return access.admits(self.allowed_clients, peer)
 
     async def acquire(self, executor: Executor) -> BlockDevice:
         """The export's device, opened (in ``executor``: opening may read a repository) if this is

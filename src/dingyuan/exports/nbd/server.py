@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import ssl
-import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dingyuan.errors import ExportError, UsageError
+from dingyuan.exports.access import IpAddress, IpNetwork, peer_address
+from dingyuan.exports.blockdev import DeviceSource
 from dingyuan.exports.nbd import wire
 from dingyuan.exports.nbd.handshake import Policy, negotiate
-from dingyuan.exports.nbd.registry import DeviceSource, Export, IpAddress, IpNetwork, Registry
+from dingyuan.exports.nbd.registry import Export, Registry
 from dingyuan.exports.nbd.transmission import Session, Transmission
+from dingyuan.exports.threaded import ThreadedServer
 
 log = logging.getLogger("dingyuan.nbd")
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -181,7 +180,7 @@ class NbdServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        peer = _peer_address(writer)
+        peer = peer_address(writer)
         peer_text = "local socket" if peer is None else str(peer)
         if len(self._handlers) >= self._max_connections:
             log.warning("refused client %s: already %d connections", peer_text, len(self._handlers))
@@ -251,94 +250,29 @@ class NbdServer:
             await export.release(self._executor)
 
 
-def _peer_address(writer: asyncio.StreamWriter) -> IpAddress | None:
-    """The client's IP address, or None on a Unix socket."""
-    peername = writer.get_extra_info("peername")
-    if isinstance(peername, tuple) and peername:
-        return ipaddress.ip_address(str(peername[0]).split("%", 1)[0])
-    return None
-
-
-class ThreadedNbdServer:
+class ThreadedNbdServer(ThreadedServer[NbdServer]):
     """An :class:`NbdServer` running in a background thread with its own event loop, for
     synchronous callers and tests. A context manager; the methods are safe from any thread."""
 
     def __init__(self, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="nbd-server", daemon=True)
-        self._options = options
-        self._server: NbdServer | None = None
-
-    def __enter__(self) -> ThreadedNbdServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def start(self) -> None:
-        self._thread.start()
-
-        async def start() -> NbdServer:
-            server = NbdServer(**self._options)
-            await server.start()
-            return server
-
-        try:
-            self._server = self._run(start())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._run(self._server.close())
-            self._server = None
-        self._stop_loop()
-
-    @property
-    def server(self) -> NbdServer:
-        if self._server is None:
-            raise UsageError("the NBD server is not running")
-        return self._server
+        super().__init__(lambda: NbdServer(**options), name="nbd-server")
 
     @property
     def port(self) -> int:
         return self.server.port
 
     def add(self, name: str, device: DeviceSource, **options: Any) -> None:
-        async def add() -> None:
-            self.server.add(name, device, **options)
-
-        self._run(add())
+        self.call(lambda server: server.add(name, device, **options))
 
     def remove(self, name: str) -> None:
-        self._run(self.server.remove(name))
+        self.run(self.server.remove(name))
 
     def names(self) -> list[str]:
-        async def names() -> list[str]:
-            return self.server.names()
-
-        return self._run(names())
+        return self.call(NbdServer.names)
 
     @property
     def open_connections(self) -> int:
-        async def count() -> int:
-            return self.server.open_connections
-
-        return self._run(count())
+        return self.call(lambda server: server.open_connections)
 
     def connections(self) -> list[ConnectionInfo]:
-        async def connections() -> list[ConnectionInfo]:
-            return self.server.connections()
-
-        return self._run(connections())
-
-    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
-
-    def _stop_loop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-        self._loop.close()
+        return self.call(NbdServer.connections)
