@@ -243,11 +243,12 @@ def test_report_luns(h: Harness) -> None:
     assert h.fails(report_luns(select=0x7F)).asc == 0x24
 
 
-def test_reset_sets_a_unit_attention_for_the_other_nexuses(h: Harness) -> None:
+def test_reset_sets_a_unit_attention_for_every_nexus(h: Harness) -> None:
     h.ok(TUR, nexus=A)
     h.ok(TUR, nexus=B)
     h.target.reset(A, lun=0)
-    h.ok(TUR, nexus=A)  # the nexus that asked for the reset has no unit attention
+    assert h.fails(TUR, nexus=A).asc == 0x29  # the nexus that asked too: each path must learn of it
+    h.ok(TUR, nexus=A)
     assert h.ok(inquiry(), nexus=B)[0] == 0  # INQUIRY is not stopped by one
     sense = parse_sense(h.ok(request_sense(), nexus=B))
     assert (sense.key, sense.asc, sense.ascq) == (0x06, 0x29, 0x03)
@@ -256,6 +257,7 @@ def test_reset_sets_a_unit_attention_for_the_other_nexuses(h: Harness) -> None:
     sense = h.fails(rw10(READ10, 0, 1), nexus=A)
     assert (sense.key, sense.asc, sense.ascq) == (0x06, 0x29, 0x00)
     assert h.ok(rw10(READ10, 0, 1), nexus=A)  # reported once
+    h.ok(request_sense(), nexus=B)  # B's own attention from its reset
     assert parse_sense(h.ok(request_sense(desc=True))).key == 0x00
 
 

@@ -160,7 +160,7 @@ class TargetConfig:
     data_pdu_in_order: bool = True
     data_sequence_in_order: bool = True
     error_recovery_level: int = 0
-    max_connections: int = 1
+    max_connections: int = 4
     default_time2wait: int = 2
     default_time2retain: int = 0
 

@@ -37,6 +37,7 @@ from dingyuan.exports.scsi.sense import (
     GOOD,
     INTERNAL_TARGET_FAILURE,
     INVALID_COMMAND_OPERATION_CODE,
+    INVALID_FIELD_IN_CDB,
     INVALID_FIELD_IN_INFORMATION_UNIT,
     LOGICAL_UNIT_NOT_SUPPORTED,
     POWER_ON_RESET,
@@ -171,10 +172,14 @@ class LogicalUnit:
     def nexus_lost(self, nexus: Nexus) -> None:
         self.reservations.release_reserve6(nexus)
 
-    def reset(self, nexus: Nexus, asc: Asc) -> None:
+    def reset(self, asc: Asc) -> None:
+        """A LOGICAL UNIT or TARGET RESET: every I_T nexus, the one that asked too, gets the
+        unit attention (SAM-5 6.3), so each path of a multipath initiator learns of it."""
         self.reservations.release_reserve6(None)
         self.modes.reset()
-        self.unit_attention_others(nexus, asc)
+        with self._lock:
+            everyone = list(self._nexuses)
+        self._post(everyone, asc)
 
     # -- dispatch ---------------------------------------------------------------------------------
 
@@ -224,6 +229,10 @@ def _fit(policy: DataOut, data_out: bytes, need: int) -> bytes:
         return data_out[:need]
     if len(data_out) < need and policy is DataOut.BLOCKS and not len(data_out) % BLOCK:
         return data_out
+    if need == 0 and policy is DataOut.EXACT:
+        # Data-Out for a count of zero: the count the initiator meant did not fit its CDB field
+        # (COMPARE AND WRITE of 256 blocks has a one-byte count), so the CDB is what is wrong
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB)
     raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_INFORMATION_UNIT)
 
 
@@ -297,9 +306,9 @@ class ScsiTarget:
     def reset(self, nexus: Nexus, *, lun: int | None) -> None:
         if lun is None:
             for unit in self._luns.values():
-                unit.reset(nexus, POWER_ON_RESET)
+                unit.reset(POWER_ON_RESET)
         elif lun in self._luns:
-            self._luns[lun].reset(nexus, BUS_DEVICE_RESET)
+            self._luns[lun].reset(BUS_DEVICE_RESET)
 
     def close(self) -> None:
         for unit in self._luns.values():

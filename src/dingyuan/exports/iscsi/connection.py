@@ -1,0 +1,700 @@
+"""The full feature phase of one iSCSI connection (RFC 7143 sections 4-11): SCSI commands with
+their Data-Out (immediate, unsolicited and solicited by R2T) and Data-In, NOP, Text (SendTargets),
+task management and logout, at error recovery level 0.
+
+One reader loop takes PDUs off the socket; non-immediate ones run in the session's CmdSN order.
+SCSI commands run in the server's thread pool, several at once; their responses are written as
+they finish, each with the connection's next StatSN. A command's Data-Out is buffered in full
+before it runs, within a per-server byte budget, so a stalled initiator cannot make us hold more.
+
+A PDU that breaks the protocol in a way the connection survives (an unknown opcode, a bad field)
+is answered with a Reject; one after which PDU boundaries are lost (a header digest error, a
+malformed header) or the session's state is undefined ends the connection, which at error
+recovery level 0 ends the session: the initiator logs in again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from dingyuan.exports.iscsi import pdu as p
+from dingyuan.exports.iscsi.pdu import Bhs, Pdu, ProtocolViolation
+from dingyuan.exports.iscsi.session import SN_MASK, Session, sn_delta
+from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, build_text, parse_text
+from dingyuan.exports.scsi import Response
+from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
+
+if TYPE_CHECKING:
+    from dingyuan.exports.iscsi.server import IscsiServer
+
+log = logging.getLogger("dingyuan.iscsi")
+
+#: SAM status and the sense data we build here (the SCSI layer builds all other sense)
+STATUS_GOOD = 0x00
+STATUS_CHECK_CONDITION = 0x02
+STATUS_TASK_ABORTED = 0x40
+
+#: the largest Expected Data Transfer Length of one write we buffer: what the block limits VPD
+#: page tells initiators (MAXIMUM TRANSFER LENGTH), in bytes
+MAX_WRITE = MAX_TRANSFER * BLOCK
+#: Data-Out buffered at once by all connections of a server beyond the unsolicited first bursts;
+#: a write over it waits for its R2Ts until running writes give their buffers back
+WRITE_BUDGET = 8 * MAX_WRITE
+
+TMF_ABORT_TASK = 1
+TMF_ABORT_TASK_SET = 2
+TMF_CLEAR_ACA = 3
+TMF_CLEAR_TASK_SET = 4
+TMF_LUN_RESET = 5
+TMF_TARGET_WARM_RESET = 6
+TMF_TARGET_COLD_RESET = 7
+TMF_TASK_REASSIGN = 8
+
+TMF_COMPLETE = 0
+TMF_NO_TASK = 1
+TMF_NO_LUN = 2
+TMF_REASSIGN_UNSUPPORTED = 4
+TMF_UNSUPPORTED = 5
+
+LOGOUT_CLOSE_SESSION = 0
+LOGOUT_CLOSE_CONNECTION = 1
+LOGOUT_RECOVERY = 2
+
+_SENSE_INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00]) + bytes(4)
+
+
+def decode_lun(lun_field: int) -> int:
+    """The LUN number of an 8-byte LUN field (peripheral or flat space addressing, SAM-5 4.7);
+    another addressing method yields a number no target has."""
+    first = lun_field >> 48
+    method = first >> 14
+    if method in (0, 1):  # peripheral device (bus 0) or flat space
+        return first & 0x3FFF if method == 1 else (first & 0xFF if first >> 8 == 0 else 1 << 20)
+    return 1 << 20
+
+
+def encode_lun(lun: int) -> int:
+    """The 8-byte LUN field for ``lun`` as we report it (peripheral under 256, else flat)."""
+    first = lun if lun < 256 else 0x4000 | lun
+    return first << 48
+
+
+class WriteBudget:
+    """Bytes of Data-Out buffers a server may hold; writes that do not fit wait their turn,
+    in order, without blocking any connection's reader."""
+
+    def __init__(self, limit: int = WRITE_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
+
+    def take(self, n: int, granted: Callable[[], None]) -> None:
+        """Call ``granted`` once ``n`` bytes are ours (now, or when enough are released)."""
+        if not self._waiting and self.used + n <= self.limit:
+            self.used += n
+            granted()
+        else:
+            self._waiting.append((n, granted))
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiting and self.used + self._waiting[0][0] <= self.limit:
+            n, granted = self._waiting.popleft()
+            self.used += n
+            granted()
+
+    def cancel(self, granted: Callable[[], None]) -> None:
+        self._waiting = deque(w for w in self._waiting if w[1] is not granted)
+
+
+@dataclass(eq=False)
+class Task:
+    """A SCSI command from its arrival until its response is written."""
+
+    itt: int
+    lun: int
+    lun_field: int
+    cdb: bytes
+    cmd_sn: int
+    expected_length: int
+    reads: bool
+    writes: bool
+    buffer: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    unsolicited_end: int = 0  # Data-Out up to here comes without an R2T
+    next_offset: int = 0  # where the next R2T starts
+    r2t_sn: int = 0
+    #: open R2Ts by TTT: (offset, length, bytes received, next DataSN)
+    r2ts: dict[int, list[int]] = field(default_factory=dict)
+    unsolicited_data_sn: int = 0
+    aborted: bool = False
+    running: asyncio.Task[None] | None = None
+    budget: int = 0  # bytes of the server's write budget this task holds
+    waiting_for_budget: Callable[[], None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.received >= self.expected_length
+
+
+class Connection:
+    """One connection in the full feature phase."""
+
+    def __init__(
+        self,
+        server: IscsiServer,
+        session: Session,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        cid: int,
+        stat_sn: int,
+        executor: Executor,
+        peer_text: str,
+    ) -> None:
+        self.server = server
+        self.session = session
+        self.cid = cid
+        self._reader = reader
+        self._writer = writer
+        self._stat_sn = stat_sn
+        self._executor = executor
+        self.peer_text = peer_text
+        params = session.params
+        self._header_digest = params.header_digest == "CRC32C"
+        self._data_digest = params.data_digest == "CRC32C"
+        self._max_send = params.max_recv_data_segment_length
+        self._max_recv = server.config.max_recv_data_segment_length
+        self.tasks: dict[int, Task] = {}
+        self._next_ttt = 1
+        self._closing = False
+        self._pending_text: dict[int, bytes] = {}  # ITT -> the rest of a long Text Response
+        self.commands = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- the reader loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while not self._closing:
+                pdu = await self._read_pdu()
+                if pdu is None:
+                    continue
+                await self._dispatch(pdu)
+        finally:
+            self._closing = True
+            await self._abort_all(self.tasks.values(), wait=True)
+
+    def hang_up(self) -> None:
+        """Close the connection at once (the reader loop ends, running commands finish)."""
+        self._closing = True
+        self._writer.transport.abort()
+
+    async def _read_pdu(self) -> Pdu | None:
+        header = await self._reader.readexactly(p.BHS_SIZE)
+        bhs = p.parse_bhs(header, max_data_segment_length=self._max_recv)
+        rest = await self._reader.readexactly(
+            p.remaining_length(bhs, header_digest=self._header_digest, data_digest=self._data_digest)
+        )
+        try:
+            return p.parse_pdu(
+                header + rest,
+                header_digest=self._header_digest,
+                data_digest=self._data_digest,
+                max_data_segment_length=self._max_recv,
+            )
+        except p.DataDigestError as e:
+            log.info("%s: %s; PDU rejected", self.peer_text, e)
+            self._reject(header, p.REJECT_DATA_DIGEST_ERROR)
+            return None
+
+    async def _dispatch(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        op = bhs.opcode
+        if op == p.OP_DATA_OUT:
+            self._data_out(pdu)
+            return
+        if op == p.OP_SNACK_REQUEST:
+            self._reject(pdu, p.REJECT_COMMAND_NOT_SUPPORTED)  # error recovery level 0
+            return
+        if op not in (
+            p.OP_SCSI_COMMAND,
+            p.OP_NOP_OUT,
+            p.OP_TEXT_REQUEST,
+            p.OP_TASK_MGMT_REQUEST,
+            p.OP_LOGOUT_REQUEST,
+        ):
+            if op == p.OP_LOGIN_REQUEST:
+                raise ProtocolViolation("login request in the full feature phase")
+            self._reject(pdu, p.REJECT_COMMAND_NOT_SUPPORTED)
+            return
+        if op == p.OP_NOP_OUT and bhs.itt == p.RESERVED_TAG:
+            return  # the answer to our ping, or a ping that wants none
+        if bhs.immediate:
+            await self._execute(pdu)
+            return
+        for connection, ready in self.session.admit(self, pdu):
+            await connection._execute(ready)
+
+    async def _execute(self, pdu: Pdu) -> None:
+        """Run one PDU whose turn in CmdSN order has come (or an immediate one)."""
+        op = pdu.bhs.opcode
+        if op == p.OP_SCSI_COMMAND:
+            self._scsi_command(pdu)
+        elif op == p.OP_NOP_OUT:
+            self._nop_out(pdu)
+        elif op == p.OP_TEXT_REQUEST:
+            self._text(pdu)
+        elif op == p.OP_TASK_MGMT_REQUEST:
+            await self._task_management(pdu)
+        elif op == p.OP_LOGOUT_REQUEST:
+            await self._logout(pdu)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _send(self, bhs: Bhs, data: bytes | memoryview = b"", *, status: bool) -> None:
+        """Write one PDU; ``status`` PDUs take the next StatSN, the others carry it unchanged."""
+        tail = bytearray(bhs.tail)
+        struct.pack_into(
+            ">III",
+            tail,
+            p.OFF_CMD_SN - 20,
+            self._stat_sn,
+            self.session.exp_cmd_sn,
+            self.session.max_cmd_sn,
+        )
+        if status:
+            self._stat_sn = (self._stat_sn + 1) & SN_MASK
+        header = p.build_header(
+            _with_tail(bhs, bytes(tail)), data_length=len(data), header_digest=self._header_digest
+        )
+        if self._writer.is_closing():
+            return
+        self._writer.write(header)
+        if len(data) == 0:
+            return
+        self._writer.write(data)
+        pad = p.padding(len(data))
+        if pad:
+            self._writer.write(pad)
+        if self._data_digest:
+            self._writer.write(p.digest(bytes(data) + pad))
+
+    def _reject(self, rejected: Pdu | bytes, reason: int) -> None:
+        header = rejected if isinstance(rejected, bytes) else p.build_pdu(rejected)[: p.BHS_SIZE]
+        bhs = Bhs(
+            opcode=p.OP_REJECT,
+            final=True,
+            specific=bytes([reason, 0]),
+            itt=p.RESERVED_TAG,
+            tail=p.build_tail({p.OFF_TTT: p.RESERVED_TAG}),
+        )
+        self._send(bhs, header[: p.BHS_SIZE], status=True)
+
+    async def _drain(self) -> None:
+        if not self._writer.is_closing():
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                self.hang_up()
+
+    # -- SCSI commands ------------------------------------------------------------------------
+
+    def _scsi_command(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        target = self.session.target
+        if target is None:
+            raise ProtocolViolation("SCSI command in a discovery session")
+        if bhs.itt in self.tasks or bhs.itt == p.RESERVED_TAG:
+            self._reject(
+                pdu, p.REJECT_TASK_IN_PROGRESS if bhs.itt in self.tasks else p.REJECT_INVALID_PDU_FIELD
+            )
+            return
+        cdb = bhs.cdb
+        for ahs_type, content in p.parse_ahs(pdu.ahs):
+            if ahs_type == p.AHS_EXTENDED_CDB:
+                cdb += content[1:]  # first byte reserved
+        reads, writes = bool(bhs.flags & p.CMD_READ), bool(bhs.flags & p.CMD_WRITE)
+        task = Task(
+            itt=bhs.itt,
+            lun=decode_lun(bhs.lun),
+            lun_field=bhs.lun,
+            cdb=cdb,
+            cmd_sn=bhs.cmd_sn,
+            expected_length=bhs.expected_data_transfer_length if writes else 0,
+            reads=reads,
+            writes=writes,
+        )
+        self.tasks[task.itt] = task
+        self.commands += 1
+        read_length = bhs.expected_data_transfer_length if reads else 0
+        if not writes:
+            if pdu.data:
+                self._reject(pdu, p.REJECT_PROTOCOL_ERROR)
+                del self.tasks[task.itt]
+                return
+            self._start(task, read_length)
+            return
+        if task.expected_length > MAX_WRITE:
+            # too large to buffer: refuse without taking its data (Data-Out for it is dropped)
+            del self.tasks[task.itt]
+            self._respond(
+                task, Response(status=STATUS_CHECK_CONDITION, sense=_SENSE_INVALID_FIELD_IN_CDB), 0, 0
+            )
+            return
+        params = self.session.params
+        if len(pdu.data) > min(task.expected_length, params.first_burst_length) or (
+            pdu.data and not params.immediate_data
+        ):
+            del self.tasks[task.itt]
+            raise ProtocolViolation(f"immediate data of {len(pdu.data)} bytes breaks the negotiated limits")
+        task.received = len(pdu.data)
+        task.unsolicited_end = (
+            len(pdu.data) if params.initial_r2t else min(task.expected_length, params.first_burst_length)
+        )
+        if bhs.final:
+            # F on the command: no unsolicited Data-Out follows
+            task.unsolicited_end = len(pdu.data)
+        task.next_offset = task.unsolicited_end
+        task.buffer = bytearray(task.unsolicited_end)
+        task.buffer[: len(pdu.data)] = pdu.data
+        if task.unsolicited_end == task.expected_length:
+            self._advance_write(task, read_length)
+            return
+
+        def granted() -> None:
+            task.waiting_for_budget = None
+            task.budget = task.expected_length
+            task.buffer.extend(bytes(task.expected_length - len(task.buffer)))
+            self._advance_write(task, read_length)
+
+        task.waiting_for_budget = granted
+        self.server.write_budget.take(task.expected_length, granted)
+
+    def _advance_write(self, task: Task, read_length: int = 0) -> None:
+        """Ask for more Data-Out, or run the command once it has all of it."""
+        if task.complete:
+            self._start(task, read_length)
+            return
+        if task.received < task.unsolicited_end or task.waiting_for_budget is not None:
+            return  # unsolicited Data-Out still to come, or no buffer yet for the rest
+        max_r2t = self.session.params.max_outstanding_r2t
+        while len(task.r2ts) < max_r2t and task.next_offset < task.expected_length:
+            length = min(self.session.params.max_burst_length, task.expected_length - task.next_offset)
+            ttt = self._next_ttt
+            self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
+            task.r2ts[ttt] = [task.next_offset, length, 0, 0]
+            bhs = Bhs(
+                opcode=p.OP_R2T,
+                final=True,
+                lun=task.lun_field,
+                itt=task.itt,
+                tail=p.build_tail(
+                    {
+                        p.OFF_TTT: ttt,
+                        p.OFF_DATA_SN: task.r2t_sn,
+                        p.OFF_BUFFER_OFFSET: task.next_offset,
+                        p.OFF_RESIDUAL_COUNT: length,
+                    }
+                ),
+            )
+            task.r2t_sn += 1
+            task.next_offset += length
+            self._send(bhs, status=False)
+
+    def _data_out(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        task = self.tasks.get(bhs.itt)
+        if task is None or not task.writes or task.running is not None:
+            log.debug("%s: Data-Out for no open write (ITT %#x) dropped", self.peer_text, bhs.itt)
+            return
+        offset, length = bhs.buffer_offset, len(pdu.data)
+        if bhs.ttt == p.RESERVED_TAG:
+            if bhs.data_sn != task.unsolicited_data_sn or offset + length > task.unsolicited_end:
+                raise ProtocolViolation(
+                    f"unsolicited Data-Out (DataSN {bhs.data_sn}, offset {offset}, {length} bytes) "
+                    "out of sequence or past FirstBurstLength"
+                )
+            task.unsolicited_data_sn += 1
+        else:
+            r2t = task.r2ts.get(bhs.ttt)
+            if r2t is None:
+                raise ProtocolViolation(f"Data-Out for an unknown target transfer tag {bhs.ttt:#x}")
+            start, r2t_length, _received, data_sn = r2t
+            if bhs.data_sn != data_sn or not (start <= offset and offset + length <= start + r2t_length):
+                raise ProtocolViolation(
+                    f"Data-Out (DataSN {bhs.data_sn}, offset {offset}, {length} bytes) does not fit its R2T"
+                )
+            r2t[2] += length
+            r2t[3] += 1
+            if r2t[2] >= r2t_length or bhs.final:
+                if r2t[2] != r2t_length:
+                    raise ProtocolViolation("a solicited burst ended short of what its R2T asked for")
+                del task.r2ts[bhs.ttt]
+        task.buffer[offset : offset + length] = pdu.data
+        task.received += length
+        if bhs.ttt == p.RESERVED_TAG and bhs.final and task.received < task.unsolicited_end:
+            task.unsolicited_end = task.next_offset = task.received
+        self._advance_write(task)
+
+    def _start(self, task: Task, read_length: int) -> None:
+        task.running = asyncio.get_running_loop().create_task(self._run_command(task, read_length))
+
+    async def _run_command(self, task: Task, read_length: int) -> None:
+        target = self.session.target
+        assert target is not None
+        loop = asyncio.get_running_loop()
+        try:
+            scsi = await loop.run_in_executor(self._executor, target.scsi)
+            response = await loop.run_in_executor(
+                self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
+            )
+        except Exception:
+            log.exception("%s: command %s failed in the target", self.peer_text, task.cdb[:1].hex())
+            self.hang_up()
+            return
+        finally:
+            self._free(task)
+        if task.aborted or self._closing:
+            return
+        self.tasks.pop(task.itt, None)
+        self._respond(task, response, read_length, len(response.data))
+        await self._drain()
+
+    def _respond(self, task: Task, response: Response, read_length: int, produced: int) -> None:
+        """Data-In (cut to the expected length) and the status, with residual counts."""
+        data = memoryview(response.data)[:read_length]
+        if task.reads:
+            residual = produced - read_length
+        elif task.writes:
+            residual = response.data_out_length - task.expected_length
+        else:
+            residual = 0
+        flags = 0
+        if residual > 0:
+            flags = p.RSP_OVERFLOW
+        elif residual < 0:
+            flags = p.RSP_UNDERFLOW
+        residual = abs(residual)
+        if task.writes and response.data_out_length == 0 and task.expected_length == 0:
+            flags, residual = 0, 0
+        data_sn = self._data_in(task, data, response, flags, residual)
+        if data_sn is None:
+            return  # the status went with the last Data-In
+        sense = response.sense
+        payload = struct.pack(">H", len(sense)) + sense if sense else b""
+        bhs = Bhs(
+            opcode=p.OP_SCSI_RESPONSE,
+            final=True,
+            flags=flags,
+            specific=bytes([0, response.status]),
+            itt=task.itt,
+            tail=p.build_tail({p.OFF_DATA_SN: data_sn, p.OFF_RESIDUAL_COUNT: residual}),
+        )
+        self._send(bhs, payload, status=True)
+        self.bytes_written += task.expected_length
+
+    def _data_in(
+        self, task: Task, data: memoryview, response: Response, flags: int, residual: int
+    ) -> int | None:
+        """Send ``data`` as Data-In PDUs; return the next DataSN, or None when the status went
+        with the last PDU (only GOOD without sense may)."""
+        data_sn = 0
+        total = len(data)
+        if total == 0:
+            return task.r2t_sn
+        collapse = response.status == STATUS_GOOD and not response.sense
+        burst = self.session.params.max_burst_length
+        offset = 0
+        while offset < total:
+            length = min(self._max_send, total - offset, burst - offset % burst)
+            end = offset + length
+            last = end == total
+            final = last or end % burst == 0
+            pdu_flags = 0
+            words = {
+                p.OFF_TTT: p.RESERVED_TAG,
+                p.OFF_DATA_SN: data_sn,
+                p.OFF_BUFFER_OFFSET: offset,
+            }
+            status = last and collapse
+            if status:
+                pdu_flags = flags | p.DATA_IN_STATUS
+                words[p.OFF_RESIDUAL_COUNT] = residual
+            bhs = Bhs(
+                opcode=p.OP_DATA_IN,
+                final=final,
+                flags=pdu_flags,
+                specific=bytes([0, response.status if status else 0]),
+                lun=task.lun_field,
+                itt=task.itt,
+                tail=p.build_tail(words),
+            )
+            self._send(bhs, data[offset:end], status=status)
+            offset = end
+            data_sn += 1
+        self.bytes_read += total
+        return None if collapse else data_sn
+
+    # -- NOP, Text ----------------------------------------------------------------------------
+
+    def _nop_out(self, pdu: Pdu) -> None:
+        bhs = Bhs(
+            opcode=p.OP_NOP_IN,
+            final=True,
+            lun=pdu.bhs.lun,
+            itt=pdu.bhs.itt,
+            tail=p.build_tail({p.OFF_TTT: p.RESERVED_TAG}),
+        )
+        self._send(bhs, pdu.data[: self._max_send], status=True)
+
+    def _text(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        if bhs.continue_:
+            raise ProtocolViolation("Text Requests split over several PDUs are not supported")
+        if bhs.ttt != p.RESERVED_TAG and bhs.itt in self._pending_text:
+            body = self._pending_text.pop(bhs.itt)
+        else:
+            self._pending_text.pop(bhs.itt, None)
+            answers: Pairs = []
+            for key, value in parse_text(pdu.data):
+                if key == "SendTargets":
+                    answers += self.server.send_targets(value, self.session, self._writer)
+                else:
+                    answers.append((key, NOT_UNDERSTOOD))
+            body = build_text(answers)
+        more = len(body) > self._max_send
+        if more:
+            self._pending_text[bhs.itt] = body[self._max_send :]
+            body = body[: self._max_send]
+        reply = Bhs(
+            opcode=p.OP_TEXT_RESPONSE,
+            final=not more,
+            flags=p.CONTINUE if more else 0,
+            lun=bhs.lun,
+            itt=bhs.itt,
+            tail=p.build_tail({p.OFF_TTT: 1 if more else p.RESERVED_TAG}),
+        )
+        self._send(reply, body, status=True)
+
+    # -- task management ----------------------------------------------------------------------
+
+    async def _task_management(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        function = bhs.flags & 0x7F
+        lun = decode_lun(bhs.lun)
+        target = self.session.target
+        response = TMF_COMPLETE
+        if target is None:
+            response = TMF_UNSUPPORTED
+        elif function in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET) and lun != 0:
+            response = TMF_NO_LUN
+        elif function == TMF_ABORT_TASK:
+            referenced = bhs.ttt
+            task = self.tasks.get(referenced)
+            if task is not None:
+                await self._abort_all([task], wait=True)
+            elif sn_delta(bhs.word(p.OFF_MAX_CMD_SN), self.session.exp_cmd_sn) >= 0:
+                response = TMF_NO_TASK  # its command never arrived
+        elif function in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET):
+            connections = self._target_connections() if function == TMF_CLEAR_TASK_SET else self._own()
+            for connection in connections:
+                await connection._abort_all(list(connection.tasks.values()), wait=True)
+        elif function in (TMF_LUN_RESET, TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
+            for connection in self._target_connections():
+                await connection._abort_all(list(connection.tasks.values()), wait=True)
+            scsi = await asyncio.get_running_loop().run_in_executor(self._executor, target.scsi)
+            scsi.reset(self.session.nexus, lun=lun if function == TMF_LUN_RESET else None)
+        elif function == TMF_TASK_REASSIGN:
+            response = TMF_REASSIGN_UNSUPPORTED
+        else:
+            response = TMF_UNSUPPORTED
+        reply = Bhs(opcode=p.OP_TASK_MGMT_RESPONSE, final=True, specific=bytes([response, 0]), itt=bhs.itt)
+        self._send(reply, status=True)
+        await self._drain()
+        if function == TMF_TARGET_COLD_RESET and response == TMF_COMPLETE:
+            for connection in self._target_connections():
+                connection.hang_up()
+
+    def _own(self) -> list[Connection]:
+        return list(self.session.connections.values())
+
+    def _target_connections(self) -> list[Connection]:
+        target = self.session.target
+        if target is None:
+            return self._own()
+        return [c for s in list(target.sessions) for c in s.connections.values()]
+
+    def _free(self, task: Task) -> None:
+        """Give back a task's Data-Out buffer and its share of the write budget."""
+        task.buffer = bytearray()
+        if task.waiting_for_budget is not None:
+            self.server.write_budget.cancel(task.waiting_for_budget)
+            task.waiting_for_budget = None
+        if task.budget:
+            self.server.write_budget.release(task.budget)
+            task.budget = 0
+
+    async def _abort_all(self, tasks: Iterable[Task], *, wait: bool) -> None:
+        """Abort ``tasks``: none sends a response; running ones finish on the device first."""
+        running = []
+        for task in list(tasks):
+            task.aborted = True
+            self.tasks.pop(task.itt, None)
+            if task.running is not None and not task.running.done():
+                running.append(task.running)
+            elif task.running is None:
+                self._free(task)
+        if wait and running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    # -- logout -------------------------------------------------------------------------------
+
+    async def _logout(self, pdu: Pdu) -> None:
+        bhs = pdu.bhs
+        reason = bhs.flags & 0x7F
+        cid = bhs.cid
+        closing: list[Connection] = []
+        response = 0
+        if reason == LOGOUT_CLOSE_SESSION:
+            closing = self._own()
+        elif reason == LOGOUT_CLOSE_CONNECTION:
+            other = self.session.connections.get(cid)
+            if other is None:
+                response = 1  # CID not found
+            else:
+                closing = [other]
+        elif reason == LOGOUT_RECOVERY:
+            response = 2  # connection recovery is not supported
+        else:
+            self._reject(pdu, p.REJECT_INVALID_PDU_FIELD)
+            return
+        for connection in closing:
+            running = [t.running for t in connection.tasks.values() if t.running is not None]
+            await asyncio.gather(*running, return_exceptions=True)
+        reply = Bhs(
+            opcode=p.OP_LOGOUT_RESPONSE,
+            final=True,
+            specific=bytes([response, 0]),
+            itt=bhs.itt,
+        )
+        self._send(reply, status=True)
+        await self._drain()
+        for connection in closing:
+            if connection is self:
+                self._closing = True
+                self._writer.close()
+            else:
+                connection.hang_up()
+
+
+def _with_tail(bhs: Bhs, tail: bytes) -> Bhs:
+    return replace(bhs, tail=tail)
