@@ -22,14 +22,16 @@ TEST_DEBS=(
     postgresql postgresql-client postgresql-contrib  # the server, pgbench, amcheck
     mariadb-server mariadb-client  # mariadbd and mariadb-install-db: tests run private servers
     qemu-system-x86 seabios ovmf extlinux syslinux-common syslinux-efi dosfstools mtools busybox-static linux-image-cloud-amd64 libvirt-clients libxml2-utils  # VM boots of a test system (BIOS and UEFI); virt-xml-validate (and its xmllint)
+    libiscsi-bin tgt qemu-block-extra ipxe-qemu  # iSCSI: libiscsi's tools and conformance suite, the reference target, qemu's iscsi:// driver, iPXE sanboot
 )
 
-stop_new_mariadb_service() {
-    # installing mariadb-server may start and enable a system service: the tests never use it (each
-    # runs a private server on a socket of its own), so when this run installed the package, stop
-    # and disable it rather than leave a server running (one that was there before is left alone)
+stop_new_service() {
+    # installing mariadb-server or tgt may start and enable a system service: the tests never use
+    # it (each runs a private server on a socket or port of its own, and tgt's would hold the
+    # iSCSI port), so when this run installed the package, stop and disable it rather than leave a
+    # server running (one that was there before is left alone)
     command -v systemctl >/dev/null && [ -d /run/systemd/system ] || return 0
-    local unit=mariadb.service
+    local unit=$1
     if systemctl is-enabled --quiet "$unit" 2>/dev/null || systemctl is-active --quiet "$unit" 2>/dev/null; then
         if systemctl disable --now --quiet "$unit"; then
             echo "services: stopped and disabled $unit"
@@ -78,8 +80,10 @@ run_check() {  # run_check NAME CMD...: runs one check with a header and its tim
 
 dy_section "system packages"
 NEW_MARIADB=$(dy_missing_debs mariadb-server)
+NEW_TGT=$(dy_missing_debs tgt)
 dy_apt_ensure "${TEST_DEBS[@]}"
-[ -z "$NEW_MARIADB" ] || stop_new_mariadb_service
+[ -z "$NEW_MARIADB" ] || stop_new_service mariadb.service
+[ -z "$NEW_TGT" ] || stop_new_service tgt.service
 
 dy_section "virtualenv and package"
 dy_venv_ensure

@@ -79,7 +79,8 @@ class _Process:
 
 class Vault(_Process):
     """``dingyuan vault serve`` in a process; ``kill()`` is SIGKILL, ``start()`` starts it again.
-    It serves its API on ``port`` and exports on ``nbd_port``; ``cli_env`` points the CLI at it."""
+    It serves its API on ``port`` and exports on ``nbd_port`` (NBD) and ``iscsi_port`` (iSCSI);
+    ``cli_env`` points the CLI at it."""
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "vault"
@@ -87,6 +88,7 @@ class Vault(_Process):
         self.passfile.write_text(PASSPHRASE)
         self.port = free_port()
         self.nbd_port = free_port()
+        self.iscsi_port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.log = root / "vault.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,6 +120,8 @@ class Vault(_Process):
                     f"127.0.0.1:{self.port}",
                     "--nbd-listen",
                     f"127.0.0.1:{self.nbd_port}",
+                    "--iscsi-listen",
+                    f"127.0.0.1:{self.iscsi_port}",
                     "--log-level",
                     "warning",
                 ],

@@ -64,7 +64,7 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
 def test_migrations_create_the_schema_and_are_idempotent(pg_url: str) -> None:
     first = open_catalog(pg_url)
     assert first.dialect.name == "postgresql" and first.dialect.driver == "psycopg"
-    assert current_revision(first) == head_revision() == "0004"
+    assert current_revision(first) == head_revision() == "0005"
     inspector = sa.inspect(first)
     assert set(inspector.get_table_names()) == TABLES | {"alembic_version"}
     # the column types PostgreSQL got: zone-aware times, native booleans, JSON, 64-bit sizes
@@ -87,7 +87,7 @@ def test_migrations_create_the_schema_and_are_idempotent(pg_url: str) -> None:
     first.dispose()
 
     again = open_catalog(pg_url)  # already at head: nothing to do, data kept
-    assert current_revision(again) == "0004"
+    assert current_revision(again) == "0005"
     with Session(again) as s:
         assert s.scalars(sa.select(Host.name)).all() == ["h1"]
     again.dispose()
@@ -115,7 +115,7 @@ def test_upgrading_from_the_first_schema_keeps_rows(pg_url: str) -> None:
             """VALUES ('verify', 'succeeded', '2026-01-01 01:00:00+08', '{"ok": true}')"""
         )
     migrate(engine)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     with Session(engine) as s:
         host = s.scalars(sa.select(Host)).one()
         assert (host.name, host.created, host.last_seen) == ("h1", datetime(2026, 1, 1, tzinfo=UTC), None)

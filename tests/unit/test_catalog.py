@@ -54,13 +54,13 @@ def engine(tmp_path: Path) -> Iterator[sa.Engine]:
 def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     first = open_catalog(sqlite_url(path))
-    assert current_revision(first) == head_revision() == "0004"
+    assert current_revision(first) == head_revision() == "0005"
     assert set(sa.inspect(first).get_table_names()) == TABLES | {"alembic_version"}
     with Session(first) as s, s.begin():
         s.add(Host(name="h1"))
     first.dispose()
     again = open_catalog(sqlite_url(path))  # already at head: nothing to do, data kept
-    assert current_revision(again) == "0004"
+    assert current_revision(again) == "0005"
     with Session(again) as s:
         assert s.scalars(sa.select(Host.name)).all() == ["h1"]
     with again.connect() as conn:

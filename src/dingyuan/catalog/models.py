@@ -233,9 +233,10 @@ class Enrollment(Base):
 
 
 class Export(Base):
-    """A snapshot or clone served as a block device. ``name`` is the export name clients ask for;
-    it is long and random, so it works as an access token. Exports live in the catalog so a
-    restarted vault serves them again."""
+    """A snapshot or clone served as a block device. ``name`` is the export name clients ask for:
+    over NBD it is long and random, so it works as an access token; over iSCSI it is the target's
+    IQN, and CHAP (``chap_*``, and ``mutual_chap_*`` for the target's own credentials) guards it.
+    Exports live in the catalog so a restarted vault serves them again."""
 
     __tablename__ = "exports"
     __table_args__ = (
@@ -252,6 +253,10 @@ class Export(Base):
     allowed_clients: Mapped[list[str] | None] = mapped_column(JSON)  # networks; None: any
     created: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(255))
+    chap_user: Mapped[str | None] = mapped_column(String(255))
+    chap_secret: Mapped[str | None] = mapped_column(String(255))
+    mutual_chap_user: Mapped[str | None] = mapped_column(String(255))
+    mutual_chap_secret: Mapped[str | None] = mapped_column(String(255))
 
 
 class AuditEvent(Base):

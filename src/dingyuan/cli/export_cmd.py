@@ -9,6 +9,9 @@ from typing import Any
 import click
 from rich.table import Table
 
+from ..errors import UsageError
+from ..exports.iscsi.chap import Credentials
+from ..recovery.vm import ipxe_script
 from .common import emit_json, human_bytes, json_option, out_console
 from .remote import api_call, vault_option
 
@@ -22,9 +25,32 @@ def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     out_console.print(table, highlight=False)
 
 
-def start_export(vault_dir: Path, ref: str, writable: bool, allow: tuple[str, ...]) -> dict[str, Any]:
+def _chap(text: str | None) -> dict[str, str] | None:
+    """``USER:SECRET`` as the API takes it (checked there, and by the Credentials type)."""
+    if text is None:
+        return None
+    credentials = Credentials.parse(text)
+    return {"user": credentials.user, "secret": credentials.secret}
+
+
+def start_export(
+    vault_dir: Path,
+    ref: str,
+    writable: bool,
+    allow: tuple[str, ...],
+    *,
+    protocol: str = "nbd",
+    chap: str | None = None,
+    mutual_chap: str | None = None,
+) -> dict[str, Any]:
     """Export a clone (by name or id) or else a snapshot; the API's answer, and ``new_clone``."""
-    body: dict[str, Any] = {"writable": writable, "allowed_clients": list(allow) or None}
+    body: dict[str, Any] = {
+        "writable": writable,
+        "allowed_clients": list(allow) or None,
+        "protocol": protocol,
+        "chap": _chap(chap),
+        "mutual_chap": _chap(mutual_chap),
+    }
     clones = {c["name"]: c for c in api_call(vault_dir, "GET", "/clones")}
     if ref in clones or any(c["id"].startswith(ref) for c in clones.values()):
         body["clone"] = ref
@@ -37,7 +63,7 @@ def start_export(vault_dir: Path, ref: str, writable: bool, allow: tuple[str, ..
 
 @click.group()
 def export() -> None:
-    """Serve snapshots and clones as block devices (NBD) from the running vault."""
+    """Serve snapshots and clones as block devices (NBD, iSCSI) from the running vault."""
 
 
 @export.command("start")
@@ -53,19 +79,72 @@ def export() -> None:
     metavar="NETWORK",
     help="Admit clients from this address or network only (repeatable).",
 )
+@click.option(
+    "--protocol",
+    type=click.Choice(["nbd", "iscsi"]),
+    default="nbd",
+    show_default=True,
+    help="nbd for Linux, qemu and libnbd clients; iscsi for Windows, VMware ESXi and iPXE.",
+)
+@click.option(
+    "--chap",
+    metavar="USER:SECRET",
+    help="iSCSI: initiators must log in with CHAP as USER with SECRET (at least 12 characters).",
+)
+@click.option(
+    "--mutual-chap",
+    metavar="USER:SECRET",
+    help="iSCSI: the target's own CHAP credentials, for initiators that authenticate the target.",
+)
+@click.option(
+    "--ipxe",
+    "ipxe_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="iSCSI: also write an iPXE script that boots a server from the export (sanboot).",
+)
+@click.option(
+    "--ipxe-server",
+    metavar="HOST",
+    help="The portal address the booting server reaches the vault at [default: the export's portal].",
+)
 @vault_option
 @json_option
-def export_start(ref: str, writable: bool, allow: tuple[str, ...], vault_dir: Path, as_json: bool) -> None:
-    """Export a snapshot (read-only) or a clone, and print its nbd:// URI.
+def export_start(
+    ref: str,
+    writable: bool,
+    allow: tuple[str, ...],
+    protocol: str,
+    chap: str | None,
+    mutual_chap: str | None,
+    ipxe_file: Path | None,
+    ipxe_server: str | None,
+    vault_dir: Path,
+    as_json: bool,
+) -> None:
+    """Export a snapshot (read-only) or a clone, and print its nbd:// or iscsi:// URI.
 
-    SNAPSHOT is an id, a unique id prefix or VOLUME@latest; CLONE a clone's name or id. The export
-    name in the URI works as an access token: share it only with the clients that need it.
+    SNAPSHOT is an id, a unique id prefix or VOLUME@latest; CLONE a clone's name or id. The NBD
+    export name in the URI works as an access token: share it only with the clients that need it.
+    Over iSCSI, the target (its IQN) is LUN 0 at the printed portal; protect it with --chap.
     """
-    doc = start_export(vault_dir, ref, writable, allow)
+    if ipxe_file is not None and protocol != "iscsi":
+        raise UsageError("--ipxe needs --protocol iscsi: iPXE has no NBD client")
+    if ipxe_server is not None:
+        ipxe_script(ipxe_server, "iqn.2026-11.org.dingyuan:check")  # refuse a bad host before exporting
+    doc = start_export(vault_dir, ref, writable, allow, protocol=protocol, chap=chap, mutual_chap=mutual_chap)
+    if ipxe_file is not None:
+        host, _, port = doc["portal"].rpartition(":")
+        script = ipxe_script(ipxe_server or host, doc["name"], port=int(port), lun=0, name=doc["target"][:12])
+        ipxe_file.write_text(script)
     if as_json:
         emit_json(doc)
         return
     click.echo(doc["uri"])
+    if doc["protocol"] == "iscsi":
+        chap_note = f", CHAP user {doc['chap_user']}" if doc.get("chap_user") else ""
+        click.echo(f"iSCSI target {doc['name']} at portal {doc['portal']}, LUN 0{chap_note}", err=True)
+        if ipxe_file is not None:
+            click.echo(f"iPXE script written to {ipxe_file}", err=True)
     what = (
         f"clone {doc['target'][:12]} (writable)"
         if doc["kind"] == "clone"
@@ -84,10 +163,11 @@ def export_list(vault_dir: Path, as_json: bool) -> None:
         emit_json(docs)
         return
     _table(
-        ("id", "kind", "target", "mode", "clients", "uri"),
+        ("id", "protocol", "kind", "target", "mode", "clients", "uri"),
         [
             (
                 str(d["id"]),
+                d["protocol"],
                 d["kind"],
                 d["target"][:12],
                 "rw" if d["writable"] else "ro",

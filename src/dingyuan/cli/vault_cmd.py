@@ -171,16 +171,27 @@ def _open_context(vault_dir: Path, passphrase_file: Path | None) -> VaultContext
     "127.0.0.1:10809].",
 )
 @click.option(
+    "--iscsi-listen",
+    metavar="HOST:PORT|off",
+    help="Address of the iSCSI portal for exports, or 'off' [default: the vault's configured one, "
+    "127.0.0.1:3260].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
     show_default=True,
 )
 def serve(
-    vault_dir: Path, passphrase_file: Path | None, listen: str | None, nbd_listen: str | None, log_level: str
+    vault_dir: Path,
+    passphrase_file: Path | None,
+    listen: str | None,
+    nbd_listen: str | None,
+    iscsi_listen: str | None,
+    log_level: str,
 ) -> None:
-    """Serve the vault's API over HTTPS, and its exports over NBD, until SIGINT or SIGTERM (then
-    stop gracefully)."""
+    """Serve the vault's API over HTTPS, and its exports over NBD and iSCSI, until SIGINT or
+    SIGTERM (then stop gracefully)."""
     from ..vault.exports import EXTRA as EXPORTS
     from ..vault.server import VaultServer, parse_listen
 
@@ -195,8 +206,11 @@ def serve(
             exports = server.ctx.extras.get(EXPORTS)
             if exports is not None:
                 click.echo(f"  exports over NBD on {exports.host}:{exports.port}")
+                if exports.iscsi is not None:
+                    click.echo(f"  exports over iSCSI on {exports.iscsi_portal()}")
 
         nbd = nbd_listen or ctx.cfg.nbd_listen
+        iscsi = iscsi_listen or ctx.cfg.iscsi_listen
         VaultServer(
             ctx,
             host,
@@ -204,6 +218,7 @@ def serve(
             log_level=log_level,
             on_started=started,
             nbd_listen=None if nbd == "off" else nbd,
+            iscsi_listen=None if iscsi == "off" else iscsi,
         ).run()
         click.echo("vault stopped")
     finally:

@@ -555,8 +555,8 @@ def _libvirt_disk(spec: VmSpec) -> ET.Element:
 
 def ipxe_script(server: str, iqn: str, *, port: int = 3260, lun: int = 1, name: str = "") -> str:
     """An iPXE script that boots a physical server from the vault's iSCSI export of its disk
-    (``sanboot``): iPXE has no NBD client, so bare-metal boots go through iSCSI, which the vault
-    does not serve yet. ``lun`` is the LUN the target presents the disk as."""
+    (``sanboot``): iPXE has no NBD client, so bare-metal boots go through iSCSI. ``lun`` is the
+    LUN the target presents the disk as (0 for the vault's exports)."""
     if not re.fullmatch(r"iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]+)?", iqn):
         raise UsageError(f"{iqn!r} is not an iSCSI qualified name (iqn.YYYY-MM.domain[:name])")
     if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", server):

@@ -36,6 +36,7 @@ CONFIG_VERSION = 1
 DEFAULT_VAULT_DIR = Path("/var/lib/dingyuan")
 DEFAULT_LISTEN = "127.0.0.1:8443"
 DEFAULT_NBD_LISTEN = "127.0.0.1:10809"  # the IANA port of NBD
+DEFAULT_ISCSI_LISTEN = "127.0.0.1:3260"  # the IANA port of iSCSI
 _PATHS = ("repository", "cache_dir", "tls_ca_cert", "tls_ca_key", "tls_cert", "tls_key")
 
 
@@ -54,6 +55,8 @@ class VaultConfig:
     listen: str = DEFAULT_LISTEN
     nbd_listen: str = DEFAULT_NBD_LISTEN  # exports; "off" serves none
     nbd_advertise: str = ""  # the host name in export URIs, when clients reach the vault by another
+    iscsi_listen: str = DEFAULT_ISCSI_LISTEN  # the iSCSI portal; "off" serves none
+    iscsi_advertise: str = ""  # the portal address initiators are given, as nbd_advertise
     repository_id: str = ""
     version: int = field(default=CONFIG_VERSION)
 
@@ -82,6 +85,8 @@ class VaultConfig:
             "listen": self.listen,
             "nbd_listen": self.nbd_listen,
             "nbd_advertise": self.nbd_advertise,
+            "iscsi_listen": self.iscsi_listen,
+            "iscsi_advertise": self.iscsi_advertise,
             "repository_id": self.repository_id,
         }
         for name in _PATHS:
@@ -114,6 +119,8 @@ class VaultConfig:
                 listen=str(doc.get("listen", DEFAULT_LISTEN)),
                 nbd_listen=str(doc.get("nbd_listen", DEFAULT_NBD_LISTEN)),
                 nbd_advertise=str(doc.get("nbd_advertise", "")),
+                iscsi_listen=str(doc.get("iscsi_listen", DEFAULT_ISCSI_LISTEN)),
+                iscsi_advertise=str(doc.get("iscsi_advertise", "")),
                 repository_id=str(doc.get("repository_id", "")),
             )
         except KeyError as e:

@@ -1,13 +1,15 @@
-"""The vault's exports: snapshots and clones served over NBD while the vault runs.
+"""The vault's exports: snapshots and clones served over NBD or iSCSI while the vault runs.
 
-One :class:`ExportService` per vault process owns the NBD server (its own thread and event loop),
-the clone store (``<vault dir>/clones``) and the devices being served. Exports are rows of the
-catalog, so a restarted vault serves them again; the devices are opened when an export starts
-and closed when its last export stops. A clone is open in one place only: two exports of one
-clone share its device.
+One :class:`ExportService` per vault process owns the NBD server and the iSCSI target (each in
+its own thread and event loop), the clone store (``<vault dir>/clones``) and the devices being
+served. Exports are rows of the catalog, so a restarted vault serves them again; the devices are
+opened when an export starts and closed when its last export stops. A clone is open in one place
+only: two exports of one clone, over one protocol or both, share its device.
 
-An export name is 32 random bytes in base32: a client that does not know it cannot connect, and
-the server does not list exports. ``allowed_clients`` narrows who may connect further.
+An NBD export name is 20 random bytes in base32: a client that does not know it cannot connect,
+and the server does not list exports. An iSCSI export is a target whose IQN discovery shows to
+the clients it admits; CHAP (and mutual CHAP) guards its login. ``allowed_clients`` narrows who
+may connect further, over either protocol.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..catalog.models import Export
-from ..errors import Conflict, ExportError, UsageError
+from ..errors import Conflict, ExportError, ListenError, UsageError
 from ..exports.blockdev import BlockDevice
+from ..exports.iscsi.chap import Credentials
+from ..exports.iscsi.server import ThreadedIscsiServer
 from ..exports.nbd.server import ThreadedNbdServer
 from ..repository.clone import CloneStore
 from ..repository.image import SnapshotImage
@@ -39,8 +43,18 @@ CLONES_DIR = "clones"
 DEFAULT_NBD_PORT = 10809
 
 
+#: the naming authority of the IQNs the vault gives its targets
+IQN_PREFIX = "iqn.2026-11.org.dingyuan"
+
+
 def new_export_name() -> str:
     return base64.b32encode(secrets.token_bytes(20)).decode().lower()
+
+
+def new_iqn(vault_id: str, kind: str, target: str) -> str:
+    """A target name unique to this vault and export: ``iqn...:<vault>.<kind>-<id>-<random>``."""
+    vault = "".join(c for c in vault_id.lower() if c.isalnum())[:8] or "vault"
+    return f"{IQN_PREFIX}:{vault}.{kind}-{target[:12].lower()}-{secrets.token_hex(3)}"
 
 
 def check_networks(networks: list[str] | None) -> list[str] | None:
@@ -62,8 +76,19 @@ def check_networks(networks: list[str] | None) -> list[str] | None:
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def _nbd_uri(host: str, port: int, name: str) -> str:
-    return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{name}"
+def _address(host: str, port: int) -> str:
+    return f"{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _uri(protocol: str, host: str, port: int, name: str) -> str:
+    """``nbd://HOST:PORT/NAME``, or ``iscsi://HOST:PORT/IQN/0`` (the export is LUN 0)."""
+    if protocol == "iscsi":
+        return f"iscsi://{_address(host, port)}/{name}/0"
+    return f"nbd://{_address(host, port)}/{name}"
+
+
+def _credentials(user: str | None, secret: str | None) -> Credentials | None:
+    return None if user is None or secret is None else Credentials(user, secret)
 
 
 @dataclass
@@ -75,19 +100,44 @@ class _Open:
 class ExportService:
     """Exports of one vault: create, list, remove; served on ``host:port`` (port 0: a free one)."""
 
-    def __init__(self, ctx: VaultContext, host: str, port: int, advertise: str | None = None) -> None:
+    def __init__(
+        self,
+        ctx: VaultContext,
+        host: str,
+        port: int,
+        advertise: str | None = None,
+        *,
+        iscsi_listen: tuple[str, int] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.clones = CloneStore(ctx.repo, ctx.cfg.dir / CLONES_DIR)
         self.server = ThreadedNbdServer(host=host, port=port)
         self.host = host
         self.advertise = advertise
+        self.iscsi: ThreadedIscsiServer | None = None
+        self.iscsi_host, self.iscsi_port = "", 0
+        self.iscsi_advertise = ctx.cfg.iscsi_advertise or None
+        if iscsi_listen is not None:
+            self.iscsi_host, self.iscsi_port = iscsi_listen
+            self.iscsi = ThreadedIscsiServer(
+                host=self.iscsi_host, port=self.iscsi_port, advertise=self.iscsi_advertise
+            )
         self._lock = threading.RLock()
         self._open: dict[str, _Open] = {}  # "snapshot:<id>" / "clone:<id>" -> device
 
     # lifetime -------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the NBD server and serve every export of the catalog again."""
+        """Start the NBD server and the iSCSI target, and serve every export of the catalog again."""
         self.server.start()
+        if self.iscsi is not None:
+            try:
+                self.iscsi.start()
+            except OSError as e:
+                self.server.close()
+                raise ListenError(
+                    address=_address(self.iscsi_host, self.iscsi_port),
+                    detail=f"{e.strerror or e} (the iSCSI portal: change it with --iscsi-listen, or 'off')",
+                ) from None
         with Session(self.ctx.engine) as session, session.begin():
             for row in session.scalars(select(Export).order_by(Export.id)):
                 try:
@@ -97,6 +147,8 @@ class ExportService:
 
     def stop(self) -> None:
         self.server.close()
+        if self.iscsi is not None:
+            self.iscsi.close()
         with self._lock:
             for opened in self._open.values():
                 opened.device.close()
@@ -107,16 +159,41 @@ class ExportService:
         return self.server.port
 
     def uri(self, row: Export) -> str:
-        """The URI clients use: the advertised address (``nbd_advertise`` in vault.json), else the
-        listening one, else (listening on every address) this machine's name."""
-        host = self.advertise or self.host
-        if host in WILDCARDS:
-            host = socket.getfqdn()
-        return _nbd_uri(host, self.port, row.name)
+        """The URI clients use: the advertised address (``nbd_advertise`` or ``iscsi_advertise``
+        in vault.json), else the listening one, else (listening on every address) this machine's
+        name."""
+        host, port = self._public(row.protocol)
+        return _uri(row.protocol, host, port, row.name)
+
+    def portal(self, row: Export) -> str | None:
+        """``HOST:PORT`` of the iSCSI portal initiators log in to (None for an NBD export)."""
+        return _address(*self._public("iscsi")) if row.protocol == "iscsi" else None
+
+    def iscsi_portal(self) -> str:
+        return _address(*self._public("iscsi"))
+
+    def _public(self, protocol: str) -> tuple[str, int]:
+        if protocol == "iscsi":
+            host, port = self.iscsi_advertise or self.iscsi_host, self._iscsi_server().port
+        else:
+            host, port = self.advertise or self.host, self.port
+        return (socket.getfqdn() if host in WILDCARDS else host), port
 
     def local_uri(self, row: Export) -> str:
         """The URI for the vault's own machine (its VMs and mounts): loopback when it listens there."""
-        return _nbd_uri("127.0.0.1" if self.host in WILDCARDS else self.host, self.port, row.name)
+        if row.protocol == "iscsi":
+            host, port = self.iscsi_host, self._iscsi_server().port
+        else:
+            host, port = self.host, self.port
+        return _uri(row.protocol, "127.0.0.1" if host in WILDCARDS else host, port, row.name)
+
+    def _iscsi_server(self) -> ThreadedIscsiServer:
+        if self.iscsi is None:
+            raise ExportError(
+                "this vault serves no iSCSI: start it with `dingyuan vault serve --iscsi-listen "
+                "HOST:PORT` (or set iscsi_listen in vault.json)"
+            )
+        return self.iscsi
 
     # devices ----------------------------------------------------------------------------------------
     def _acquire(self, kind: str, target: str) -> BlockDevice:
@@ -144,9 +221,20 @@ class ExportService:
                 opened.device.close()
 
     def _serve(self, row: Export) -> None:
+        iscsi = self._iscsi_server() if row.protocol == "iscsi" else None
         device = self._acquire(row.kind, row.target)
         try:
-            self.server.add(row.name, device, allowed_clients=row.allowed_clients)
+            if iscsi is not None:
+                iscsi.add(
+                    row.name,
+                    device,
+                    alias=f"dingyuan {row.kind} {row.target[:12]}",
+                    chap=_credentials(row.chap_user, row.chap_secret),
+                    mutual_chap=_credentials(row.mutual_chap_user, row.mutual_chap_secret),
+                    allowed_clients=row.allowed_clients,
+                )
+            else:
+                self.server.add(row.name, device, allowed_clients=row.allowed_clients)
         except BaseException:
             self._release(row.kind, row.target)
             raise
@@ -161,21 +249,36 @@ class ExportService:
         writable: bool,
         allowed_clients: list[str] | None,
         actor: str,
+        protocol: str = "nbd",
+        chap: Credentials | None = None,
+        mutual_chap: Credentials | None = None,
     ) -> Export:
-        """Export a snapshot (read-only) or a clone; ``writable`` with a snapshot makes a clone of
-        it first. The row is added to ``session`` (committed by the caller)."""
+        """Export a snapshot (read-only) or a clone over ``protocol``; ``writable`` with a snapshot
+        makes a clone of it first. ``chap`` and ``mutual_chap`` are for iSCSI only. The row is
+        added to ``session`` (committed by the caller)."""
+        if protocol == "iscsi":
+            self._iscsi_server()
+        elif chap is not None or mutual_chap is not None:
+            raise UsageError("CHAP is for iSCSI exports: add --protocol iscsi")
+        if mutual_chap is not None and chap is None:
+            raise UsageError("mutual CHAP needs the initiator's CHAP credentials too (--chap)")
         if snapshot is not None and writable:
             clone = self.new_clone(snapshot)
             snapshot = None
         kind, target = ("snapshot", snapshot.id) if snapshot is not None else ("clone", _clone_id(clone))
+        name = new_iqn(self.ctx.cfg.repository_id, kind, target) if protocol == "iscsi" else new_export_name()
         row = Export(
-            name=new_export_name(),
-            protocol="nbd",
+            name=name,
+            protocol=protocol,
             kind=kind,
             target=target,
             writable=kind == "clone",
             allowed_clients=check_networks(allowed_clients),
             created_by=actor,
+            chap_user=None if chap is None else chap.user,
+            chap_secret=None if chap is None else chap.secret,
+            mutual_chap_user=None if mutual_chap is None else mutual_chap.user,
+            mutual_chap_secret=None if mutual_chap is None else mutual_chap.secret,
         )
         session.add(row)
         session.flush()
@@ -184,7 +287,10 @@ class ExportService:
 
     def remove(self, session: Session, row: Export) -> None:
         """Stop serving ``row`` (its connections are closed) and delete it."""
-        self.server.remove(row.name)
+        if row.protocol == "iscsi":
+            self._iscsi_server().remove(row.name)
+        else:
+            self.server.remove(row.name)
         self._release(row.kind, row.target)
         session.delete(row)
 

@@ -416,6 +416,11 @@ class ClonePromote(Request):
     host: Name | None = None  # default: the base snapshot's host
 
 
+class ChapCredentials(Request):
+    user: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,255}$")]
+    secret: Annotated[str, StringConstraints(min_length=12, max_length=255, pattern=r"^[ -~]+$")]
+
+
 class ExportCreate(Request):
     """Serve a snapshot (read-only) or a clone. ``writable`` with a snapshot serves a new clone of
     it instead: a snapshot is never written."""
@@ -423,8 +428,12 @@ class ExportCreate(Request):
     snapshot: SnapshotRef | None = None
     clone: Name | None = None  # a clone's name or id
     writable: bool = False
-    protocol: Literal["nbd"] = "nbd"
+    protocol: Literal["nbd", "iscsi"] = "nbd"
     allowed_clients: list[Network] | None = Field(default=None, max_length=64)
+    #: iSCSI only: the initiator must log in with CHAP as this user and secret (12+ characters)
+    chap: ChapCredentials | None = None
+    #: iSCSI only: the target's own user and secret, for initiators that authenticate the target
+    mutual_chap: ChapCredentials | None = None
 
     @model_validator(mode="after")
     def _one(self) -> ExportCreate:
@@ -442,6 +451,8 @@ class ExportOut(Response):
     writable: bool
     allowed_clients: list[str] | None
     uri: str
+    portal: str | None = None  # iSCSI: the HOST:PORT initiators log in to; name is the target IQN
+    chap_user: str | None = None  # iSCSI: the CHAP user initiators log in as (never the secret)
     created: datetime
     created_by: str
 

@@ -264,9 +264,11 @@ class VaultServer:
         log_level: str = "info",
         on_started: Callable[[VaultServer], None] | None = None,
         nbd_listen: str | None = None,
+        iscsi_listen: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.nbd_listen = nbd_listen
+        self.iscsi_listen = iscsi_listen
         self.on_started = on_started
         self.host = host
         self.port = port
@@ -303,7 +305,13 @@ class VaultServer:
                 keeper.start()  # recovery first: no request before the spool is packed
             if self.nbd_listen is not None:
                 host, port = parse_listen(self.nbd_listen)
-                exports = ExportService(self.ctx, host, port, self.ctx.cfg.nbd_advertise or None)
+                exports = ExportService(
+                    self.ctx,
+                    host,
+                    port,
+                    self.ctx.cfg.nbd_advertise or None,
+                    iscsi_listen=None if self.iscsi_listen is None else parse_listen(self.iscsi_listen),
+                )
                 self.ctx.extras[EXPORTS] = exports
                 exports.start()
                 self.ctx.extras[BOOTS] = BootService(exports)

@@ -1,7 +1,8 @@
-"""Exports: snapshots (read-only) and clones served over NBD by the running vault.
+"""Exports: snapshots (read-only) and clones served over NBD or iSCSI by the running vault.
 
-Creating one (admin, operator) answers with its ``nbd://`` URI; the export name in it works as an
-access token, so viewers see exports without their names. Stopping one closes its connections.
+Creating one (admin, operator) answers with its ``nbd://`` or ``iscsi://`` URI; an NBD export
+name works as an access token, so viewers see exports without their names (nor IQNs). CHAP
+secrets are never answered. Stopping one closes its connections.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from sqlalchemy import select
 
 from ...catalog.models import Export
 from ...errors import NotFound
+from ...exports.iscsi.chap import Credentials
 from ..auth import MANAGERS, READERS, VIEWER, ContextDep, Principal, SessionDep, audit, require
 from ..exports import ExportService, service
-from ..schemas import MAX_INT32, ExportCreate, ExportOut
+from ..schemas import MAX_INT32, ChapCredentials, ExportCreate, ExportOut
 from . import ERRORS
 
 router = APIRouter(tags=["exports"], responses=ERRORS)
@@ -35,9 +37,15 @@ def export_out(svc: ExportService, row: Export, principal: Principal) -> ExportO
         writable=row.writable,
         allowed_clients=row.allowed_clients,
         uri=HIDDEN if hide else svc.uri(row),
+        portal=svc.portal(row),
+        chap_user=row.chap_user,
         created=row.created,
         created_by=row.created_by,
     )
+
+
+def _credentials(body: ChapCredentials | None) -> Credentials | None:
+    return None if body is None else Credentials(body.user, body.secret)
 
 
 @router.get("/exports")
@@ -60,13 +68,16 @@ def create_export(
         writable=body.writable,
         allowed_clients=body.allowed_clients,
         actor=principal.actor,
+        protocol=body.protocol,
+        chap=_credentials(body.chap),
+        mutual_chap=_credentials(body.mutual_chap),
     )
     audit(
         session,
         request,
         principal,
         target=f"export:{row.id}",
-        detail={"kind": row.kind, "target": row.target, "writable": row.writable},
+        detail={"kind": row.kind, "target": row.target, "writable": row.writable, "protocol": row.protocol},
     )
     return export_out(svc, row, principal)
 
