@@ -59,6 +59,7 @@ class Initiator:
         credentials: tuple[str, str] | None = None,
         keys: list[tuple[str, str]] | None = None,
         timeout: float = 10.0,
+        answer_pings: bool = True,
     ) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.isid = isid or bytes([0x80]) + secrets.token_bytes(5)
@@ -68,6 +69,7 @@ class Initiator:
         self.exp_stat_sn = 0
         self.max_recv = 262144
         self._itt = 0
+        self.answer_pings = answer_pings
         self.negotiated: dict[str, str] = {}
         try:
             self.login(target, name=name, credentials=credentials, keys=keys or [])
@@ -94,6 +96,22 @@ class Initiator:
         self.sock.sendall(p.build_pdu(pdu))
 
     def recv(self) -> Pdu:
+        """The next PDU; the target's pings (NOP-In asking for a NOP-Out) are answered on the way
+        unless ``answer_pings`` is off."""
+        while True:
+            pdu = self._recv()
+            if not (self.answer_pings and pdu.bhs.opcode == p.OP_NOP_IN and pdu.bhs.itt == p.RESERVED_TAG):
+                return pdu
+            reply = Bhs(
+                opcode=p.OP_NOP_OUT,
+                immediate=True,
+                final=True,
+                itt=p.RESERVED_TAG,
+                tail=p.build_tail({p.OFF_TTT: pdu.bhs.ttt, **self.words()}),
+            )
+            self.send(Pdu(bhs=reply))
+
+    def _recv(self) -> Pdu:
         header = self._exact(p.BHS_SIZE)
         bhs = p.parse_bhs(header)
         rest = self._exact(p.remaining_length(bhs, header_digest=False, data_digest=False))

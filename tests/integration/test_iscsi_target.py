@@ -4,6 +4,7 @@ sessions with several connections, reinstatement, task management and logout."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -90,6 +91,7 @@ def test_mutual_chap_proves_the_target(server: ThreadedIscsiServer) -> None:
         ini = sock_initiator
         ini.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         ini.isid, ini.tsih, ini.cid, ini.cmd_sn, ini.exp_stat_sn = b"\x80\0\0\0\0\1", 0, 0, 1, 0
+        ini.answer_pings = False
         first = [
             ("InitiatorName", "iqn.2026-11.org.dingyuan.test:m"),
             ("SessionType", "Normal"),
@@ -239,10 +241,37 @@ def test_a_vanished_initiator_leaves_no_session(server: ThreadedIscsiServer) -> 
     assert server.sessions() == []
 
 
-def test_a_read_only_export_refuses_writes_with_write_protect(server: ThreadedIscsiServer, image: Path) -> None:
+def test_a_read_only_export_refuses_writes_with_write_protect(
+    server: ThreadedIscsiServer, image: Path
+) -> None:
     before = image.read_bytes()
     with Initiator(server.port, RO) as ini:
         result = ini.write(0, os.urandom(64 << 10))
         assert result.status == 0x02 and result.sense_key == 0x07 and result.asc == (0x27, 0x00)
         assert ini.read(0, 1).status == 0  # the session goes on
     assert image.read_bytes() == before
+
+
+def test_a_silent_initiator_is_pinged_and_dropped_if_it_does_not_answer(image: Path) -> None:
+    with ThreadedIscsiServer(host="127.0.0.1", port=0, ping_interval=0.4) as server:
+        server.add(RO, FileDevice(image, read_only=True))
+        with Initiator(server.port, RO) as answering:
+            answering.sock.settimeout(0.05)
+            deadline = time.monotonic() + 1.5  # well past two intervals
+            while time.monotonic() < deadline:  # its pings are answered as they come
+                with contextlib.suppress(TimeoutError):
+                    answering.recv()
+            answering.sock.settimeout(10)
+            assert answering.read(0, 1).status == 0
+            assert len(server.sessions()) == 1
+        with Initiator(server.port, RO, answer_pings=False) as silent:
+            ping = silent.recv()
+            assert ping.bhs.opcode == p.OP_NOP_IN and ping.bhs.itt == p.RESERVED_TAG
+            assert ping.bhs.ttt != p.RESERVED_TAG
+            with pytest.raises(ConnectionError):
+                while True:
+                    silent.recv()  # the end of the connection, within another interval
+        deadline = time.monotonic() + 5
+        while server.sessions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.sessions() == []

@@ -44,6 +44,8 @@ STATUS_TASK_ABORTED = 0x40
 #: the largest Expected Data Transfer Length of one write we buffer: what the block limits VPD
 #: page tells initiators (MAXIMUM TRANSFER LENGTH), in bytes
 MAX_WRITE = MAX_TRANSFER * BLOCK
+#: a connection silent this long gets a ping (NOP-In); silent twice as long, it is closed
+PING_INTERVAL = 30.0
 #: Data-Out buffered at once by all connections of a server beyond the unsolicited first bursts;
 #: a write over it waits for its R2Ts until running writes give their buffers back
 WRITE_BUDGET = 8 * MAX_WRITE
@@ -158,6 +160,7 @@ class Connection:
         stat_sn: int,
         executor: Executor,
         peer_text: str,
+        ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.server = server
         self.session = session
@@ -179,19 +182,49 @@ class Connection:
         self.commands = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self._ping_interval = ping_interval
+        self._heard = asyncio.get_running_loop().time()  # when the initiator last sent a PDU
 
     # -- the reader loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        pinger = asyncio.get_running_loop().create_task(self._ping())
         try:
             while not self._closing:
                 pdu = await self._read_pdu()
+                self._heard = asyncio.get_running_loop().time()
                 if pdu is None:
                     continue
                 await self._dispatch(pdu)
         finally:
             self._closing = True
+            pinger.cancel()
             await self._abort_all(self.tasks.values(), wait=True)
+
+    async def _ping(self) -> None:
+        """Ping an initiator that has been silent for ``ping_interval`` (a NOP-In that asks for a
+        NOP-Out), and hang up on one still silent an interval later: an initiator that vanished
+        without closing its connection must not hold its session, its reservations and its
+        buffers for ever."""
+        loop = asyncio.get_running_loop()
+        pinged = False
+        while not self._closing:
+            await asyncio.sleep(self._ping_interval / 4)
+            silent = loop.time() - self._heard
+            if silent < self._ping_interval:
+                pinged = False
+            elif not pinged:
+                pinged = True
+                ping = Bhs(
+                    opcode=p.OP_NOP_IN,
+                    final=True,
+                    itt=p.RESERVED_TAG,
+                    tail=p.build_tail({p.OFF_TTT: self._new_ttt()}),
+                )
+                self._send(ping, status=False)
+            elif silent >= 2 * self._ping_interval:
+                log.info("%s: no answer to a ping in %.0f s; connection closed", self.peer_text, silent)
+                self.hang_up()
 
     def hang_up(self) -> None:
         """Close the connection at once (the reader loop ends, running commands finish)."""
@@ -389,8 +422,7 @@ class Connection:
         max_r2t = self.session.params.max_outstanding_r2t
         while len(task.r2ts) < max_r2t and task.next_offset < task.expected_length:
             length = min(self.session.params.max_burst_length, task.expected_length - task.next_offset)
-            ttt = self._next_ttt
-            self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
+            ttt = self._new_ttt()
             task.r2ts[ttt] = [task.next_offset, length, 0, 0]
             bhs = Bhs(
                 opcode=p.OP_R2T,
@@ -409,6 +441,11 @@ class Connection:
             task.r2t_sn += 1
             task.next_offset += length
             self._send(bhs, status=False)
+
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
+        return ttt
 
     def _data_out(self, pdu: Pdu) -> None:
         bhs = pdu.bhs

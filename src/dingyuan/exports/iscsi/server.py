@@ -16,8 +16,8 @@ connection. When a session's last connection ends, the session ends (error recov
 DefaultTime2Retain 0) and the SCSI target forgets its nexus.
 
 A connection never takes the server down: a client that vanishes, stalls in the login longer than
-``login_timeout`` or breaks the protocol loses its connection and the reason is logged (logger
-``dingyuan.iscsi``).
+``login_timeout``, leaves a ping (NOP-In, after ``ping_interval`` of silence) unanswered or breaks
+the protocol loses its connection and the reason is logged (logger ``dingyuan.iscsi``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dingyuan.exports import access
 from dingyuan.exports.blockdev import DeviceSource
 from dingyuan.exports.iscsi import pdu as p
 from dingyuan.exports.iscsi.chap import Credentials
-from dingyuan.exports.iscsi.connection import Connection, WriteBudget
+from dingyuan.exports.iscsi.connection import PING_INTERVAL, Connection, WriteBudget
 from dingyuan.exports.iscsi.login import Login, LoginResult, refusal
 from dingyuan.exports.iscsi.pdu import ProtocolViolation
 from dingyuan.exports.iscsi.session import Session, Target
@@ -71,6 +71,7 @@ class IscsiServer:
         config: TargetConfig | None = None,
         workers: int = 16,
         login_timeout: float = 30.0,
+        ping_interval: float = PING_INTERVAL,
         max_connections: int = 256,
     ) -> None:
         self._host = host
@@ -80,6 +81,7 @@ class IscsiServer:
         self.config = config or TargetConfig()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="iscsi-io")
         self._login_timeout = login_timeout
+        self._ping_interval = ping_interval
         self._max_connections = max_connections
         self._targets: dict[str, Target] = {}
         self._sessions: dict[int, Session] = {}
@@ -242,6 +244,7 @@ class IscsiServer:
             stat_sn=login.stat_sn,
             executor=self._executor,
             peer_text=peer_text,
+            ping_interval=self._ping_interval,
         )
         old = session.connections.get(result.cid)
         if old is not None:
