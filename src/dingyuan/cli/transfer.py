@@ -110,15 +110,22 @@ def backup(
 @click.option(
     "--live",
     is_flag=True,
-    help="Serve TARGET over NBD at once while the copy runs (reads of what is not copied yet come "
-    "from the snapshot, writes are kept); runs until Ctrl-C, and resumes when run again.",
+    help="Serve TARGET over NBD or iSCSI at once while the copy runs (reads of what is not copied "
+    "yet come from the snapshot, writes are kept); runs until Ctrl-C, and resumes when run again.",
 )
 @click.option(
     "--listen",
     default="127.0.0.1:0",
     show_default=True,
     metavar="HOST:PORT",
-    help="Where --live serves NBD (port 0: a free one).",
+    help="Where --live serves (port 0: a free one).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["nbd", "iscsi"]),
+    default="nbd",
+    show_default=True,
+    help="How --live serves TARGET: iscsi for Windows, ESXi and iPXE.",
 )
 @repo_options
 @json_option
@@ -131,6 +138,7 @@ def restore(
     no_fsync: bool,
     live: bool,
     listen: str,
+    protocol: str,
     repo_path: str | None,
     passphrase_file: Path | None,
     cache_dir: Path | None,
@@ -150,7 +158,7 @@ def restore(
             raise UsageError(
                 "--live resumes by itself and always flushes: drop --delta, --resume, --no-fsync"
             )
-        _live_restore(repo, snap, target, listen)
+        _live_restore(repo, snap, target, listen, protocol)
         return
     with progress_bar(f"restore {snap.id[:12]}", not as_json) as progress:
         stats = run_restore(
@@ -174,12 +182,14 @@ def restore(
     )
 
 
-def _live_restore(repo: Repository, snap: Snapshot, target: str, listen: str) -> None:
-    """Serve a live restore of ``snap`` to ``target`` over NBD until SIGINT or SIGTERM."""
+def _live_restore(repo: Repository, snap: Snapshot, target: str, listen: str, protocol: str) -> None:
+    """Serve a live restore of ``snap`` to ``target`` over NBD or iSCSI until SIGINT or SIGTERM."""
     import hashlib
     import signal
     import threading
 
+    from ..exports.iscsi import IQN_PREFIX
+    from ..exports.iscsi.server import ThreadedIscsiServer
     from ..exports.nbd.server import ThreadedNbdServer
     from ..repository.live import LiveRestore
     from ..vault.server import parse_listen
@@ -192,11 +202,17 @@ def _live_restore(repo: Repository, snap: Snapshot, target: str, listen: str) ->
         signal.signal(sig, lambda *_: stop.set())
     device = LiveRestore(repo, snap, target, state)
     try:
-        with ThreadedNbdServer(host=host, port=port) as server:
-            name = snap.id[:12]
-            server.add(name, device)
+        server = (ThreadedIscsiServer if protocol == "iscsi" else ThreadedNbdServer)(host=host, port=port)
+        with server:
             shown = f"[{host}]" if ":" in host else host
-            click.echo(f"nbd://{shown}:{server.port}/{name}")
+            if isinstance(server, ThreadedIscsiServer):
+                name = f"{IQN_PREFIX}:live-{snap.id[:12]}"
+                server.add(name, device)
+                click.echo(f"iscsi://{shown}:{server.port}/{name}/0")
+            else:
+                name = snap.id[:12]
+                server.add(name, device)
+                click.echo(f"nbd://{shown}:{server.port}/{name}")
             click.echo(
                 f"serving {target} while it is restored from snapshot {snap.id[:12]}; Ctrl-C stops "
                 "(run the same command again to continue)",

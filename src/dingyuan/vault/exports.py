@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from ..catalog.models import Export
 from ..errors import Conflict, ExportError, ListenError, UsageError
 from ..exports.blockdev import BlockDevice
+from ..exports.iscsi import IQN_PREFIX
 from ..exports.iscsi.chap import Credentials
 from ..exports.iscsi.server import ThreadedIscsiServer
 from ..exports.nbd.server import ThreadedNbdServer
@@ -41,10 +42,6 @@ log = logging.getLogger(__name__)
 EXTRA = "exports"  # the service's key in VaultContext.extras
 CLONES_DIR = "clones"
 DEFAULT_NBD_PORT = 10809
-
-
-#: the naming authority of the IQNs the vault gives its targets
-IQN_PREFIX = "iqn.2026-11.org.dingyuan"
 
 
 def new_export_name() -> str:
