@@ -226,6 +226,10 @@ class Connection:
                 log.info("%s: no answer to a ping in %.0f s; connection closed", self.peer_text, silent)
                 self.hang_up()
 
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        return self._writer
+
     def hang_up(self) -> None:
         """Close the connection at once (the reader loop ends, running commands finish)."""
         self._closing = True
@@ -490,7 +494,9 @@ class Connection:
         assert target is not None
         loop = asyncio.get_running_loop()
         try:
-            scsi = await loop.run_in_executor(self._executor, target.scsi)
+            scsi = target.opened
+            if scsi is None:
+                scsi = await loop.run_in_executor(self._executor, target.scsi)
             response = await loop.run_in_executor(
                 self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
             )

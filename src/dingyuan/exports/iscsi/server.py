@@ -388,12 +388,12 @@ class IscsiServer:
 
     def _nexus_lost(self, session: Session) -> None:
         target = session.target
-        if target is not None and target._scsi is not None:
-            target._scsi.nexus_lost(session.nexus)
+        if target is not None and target.opened is not None:
+            target.opened.nexus_lost(session.nexus)
 
     async def _end_sessions(self, sessions: list[Session]) -> None:
         connections = [c for s in sessions for c in s.connections.values()]
-        handlers = [t for t, w in self._handlers.items() if any(c._writer is w for c in connections)]
+        handlers = [t for t, w in self._handlers.items() if any(c.writer is w for c in connections)]
         for connection in connections:
             connection.hang_up()
         await asyncio.gather(*handlers, return_exceptions=True)

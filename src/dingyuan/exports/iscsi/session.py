@@ -67,6 +67,11 @@ class Target:
     def admits(self, peer: access.IpAddress | None) -> bool:
         return access.admits(self.allowed_clients, peer)
 
+    @property
+    def opened(self) -> ScsiTarget | None:
+        """The SCSI target if :meth:`scsi` built it already (no thread hop needed then)."""
+        return self._scsi
+
     def scsi(self) -> ScsiTarget:
         """The SCSI target, built (and a factory's device opened) on first use; call it from a
         worker thread, since opening a device may read a repository."""
