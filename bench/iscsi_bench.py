@@ -6,12 +6,13 @@
 Setup (not timed): an encrypted repository in WORK/repo with base.img of the shared workload
 backed up into it and restored to WORK/restored.img. dingyuan's target runs in a child process
 (this script with ``--serve``): the snapshot opened as a SnapshotImage, exported as LUN 0 by a
-ThreadedIscsiServer, from this checkout's source. tgt's ``tgtd`` serves restored.img as LUN 1
-on its own control port. Both on 127.0.0.1, both reading from the page cache (the packs and the
-image were just written, and a warm-up pass reads each once).
+ThreadedIscsiServer, from this checkout's source; the same server also exports restored.img as a
+plain file (FileDevice), which tells the transport's cost from the snapshot's decoding. tgt's
+``tgtd`` serves restored.img as LUN 1 on its own control port. All on 127.0.0.1, all reading from
+the page cache (the packs and the image were just written, and a warm-up pass reads each once).
 
-Per repetition, alternating the two targets so drift hits both alike, libiscsi's ``iscsi-perf``
-(one connection, the same client for both targets) for S seconds each:
+Per repetition, alternating the targets so drift hits them alike, libiscsi's ``iscsi-perf`` (one
+connection, the same client for every target) for S seconds each:
 
 - **sequential read**: 1 MiB READs from LBA 0 on, 16 in flight; MB/s (10^6 bytes).
 - **4 KiB random read**: 4 KiB READs at random 4 KiB-aligned offsets, 32 in flight; IOPS.
@@ -37,6 +38,7 @@ from transfer_bench import free_port, wait
 PASSWORD = "bench"
 SEQ_BUDGET = 0.8
 IQN_DY = "iqn.2026-11.org.dingyuan.bench:snapshot"
+IQN_FILE = "iqn.2026-11.org.dingyuan.bench:file"
 IQN_TGT = "iqn.2026-11.org.dingyuan.bench:tgt"
 SEQ_BLOCKS, SEQ_DEPTH = 2048, 16  # 1 MiB requests
 RANDOM_BLOCKS, RANDOM_DEPTH = 8, 32  # 4 KiB requests
@@ -44,9 +46,10 @@ SECTOR = 512
 TGT_SOCKETS = Path("/var/run/tgtd")
 
 
-def serve(port: int) -> None:
-    """The child process: dingyuan's target exporting base@latest until SIGTERM."""
+def serve(port: int, restored: Path) -> None:
+    """The child process: dingyuan's target exporting base@latest and ``restored`` until SIGTERM."""
     from dingyuan.cli.common import open_repo
+    from dingyuan.exports.blockdev import FileDevice
     from dingyuan.exports.iscsi.server import ThreadedIscsiServer
     from dingyuan.repository.image import SnapshotImage
 
@@ -56,9 +59,12 @@ def serve(port: int) -> None:
         SnapshotImage(repo, repo.resolve("base@latest")) as image,
         ThreadedIscsiServer(host="127.0.0.1", port=port) as server,
     ):
+        plain = FileDevice(restored, read_only=True)
         server.add(IQN_DY, image)
+        server.add(IQN_FILE, plain)
         print("ready", flush=True)
         signal.sigwait({signal.SIGTERM})
+    plain.close()
     repo.close()
 
 
@@ -114,7 +120,7 @@ class Setup:
 
     def start(self) -> None:
         self.dy = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(self.dy_port)],
+            [sys.executable, __file__, "--serve", str(self.dy_port), "--work", str(self.work)],
             env=self.env,
             stdout=subprocess.PIPE,
             text=True,
@@ -170,7 +176,7 @@ def main() -> int:
     ap.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, args.work / "restored.img")
         return 0
     work: Path = args.work
     data: Path = args.data or work / "data"
@@ -183,16 +189,18 @@ def main() -> int:
     setup.prepare()
     urls = {
         "dy": f"iscsi://127.0.0.1:{setup.dy_port}/{IQN_DY}/0",
+        "file": f"iscsi://127.0.0.1:{setup.dy_port}/{IQN_FILE}/0",
         "tgt": f"iscsi://127.0.0.1:{setup.tgt_port}/{IQN_TGT}/1",
     }
-    results: dict[str, list[float]] = {k: [] for k in ("seq_dy", "seq_tgt", "iops_dy", "iops_tgt")}
+    results: dict[str, list[float]] = {f"{m}_{n}": [] for m in ("seq", "iops") for n in urls}
     loads = [load()]
     try:
         setup.start()
         for url in urls.values():  # warm-up: a sequential pass over each
             perf(url, args.seconds, blocks=SEQ_BLOCKS, depth=SEQ_DEPTH, random_io=False)
         for rep in range(args.reps):
-            for name, url in urls.items() if rep % 2 == 0 else reversed(urls.items()):
+            order = list(urls.items())
+            for name, url in order if rep % 2 == 0 else reversed(order):
                 rate = perf(url, args.seconds, blocks=SEQ_BLOCKS, depth=SEQ_DEPTH, random_io=False)
                 results[f"seq_{name}"].append(rate * SEQ_BLOCKS * SECTOR / 1e6)
                 results[f"iops_{name}"].append(
@@ -200,8 +208,9 @@ def main() -> int:
                 )
             last = {k: v[-1] for k, v in results.items()}
             log(
-                f"[{rep + 1}/{args.reps}] sequential {last['seq_dy']:.0f} vs {last['seq_tgt']:.0f} MB/s, "
-                f"random {last['iops_dy']:.0f} vs {last['iops_tgt']:.0f} IOPS (load {load()})"
+                f"[{rep + 1}/{args.reps}] sequential {last['seq_dy']:.0f} (file {last['seq_file']:.0f}) "
+                f"vs {last['seq_tgt']:.0f} MB/s, random {last['iops_dy']:.0f} (file {last['iops_file']:.0f}) "
+                f"vs {last['iops_tgt']:.0f} IOPS (load {load()})"
             )
             loads.append(load())
     finally:
@@ -213,13 +222,14 @@ def main() -> int:
         f"\n## iSCSI target against tgt (snapshot of base.img as a SnapshotImage, median of {args.reps}, "
         f"{os.cpu_count()} CPUs, load {loads[0]} before, {loads[-1]} after)\n"
     )
-    print("| check | dingyuan | tgt | ratio | budget | result |")
-    print("|---|---|---|---|---|---|")
+    print("| check | dingyuan (snapshot) | dingyuan (raw file) | tgt (raw file) | ratio | budget | result |")
+    print("|---|---|---|---|---|---|---|")
     verdict = "PASS" if seq_ratio >= SEQ_BUDGET else "FAIL"
-    print(f"| sequential read (1 MiB, QD{SEQ_DEPTH}) | {med['seq_dy']:.0f} MB/s | {med['seq_tgt']:.0f} MB/s "
-          f"| {seq_ratio:.2f}× | ≥ {SEQ_BUDGET}× | {verdict} |")  # fmt: skip
-    print(f"| 4 KiB random read, QD{RANDOM_DEPTH} | {med['iops_dy']:.0f} IOPS | {med['iops_tgt']:.0f} IOPS "
-          f"| {iops_ratio:.2f}× | — | — |")  # fmt: skip
+    print(f"| sequential read (1 MiB, QD{SEQ_DEPTH}) | {med['seq_dy']:.0f} MB/s | {med['seq_file']:.0f} MB/s "
+          f"| {med['seq_tgt']:.0f} MB/s | {seq_ratio:.2f}× | ≥ {SEQ_BUDGET}× | {verdict} |")  # fmt: skip
+    print(f"| 4 KiB random read, QD{RANDOM_DEPTH} | {med['iops_dy']:.0f} IOPS | {med['iops_file']:.0f} IOPS "
+          f"| {med['iops_tgt']:.0f} IOPS | {iops_ratio:.2f}× | — | — |")  # fmt: skip
+    print("\nratio: snapshot / tgt")
     doc = {"runs": results, "median": med, "seq_ratio": seq_ratio, "iops_ratio": iops_ratio, "load": loads}
     (work / "iscsi.json").write_text(json.dumps(doc, indent=2))
     print(f"\nJSON: {work / 'iscsi.json'}")
