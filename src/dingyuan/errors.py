@@ -289,8 +289,8 @@ class RpoBreached(DingyuanError):
 
 
 class ListenError(VaultError):
-    """The vault cannot listen on {address}: {detail}. Choose another address with --listen (or
-    stop the process that holds it)."""
+    """The vault cannot listen on {address}: {detail}. Choose another address (--listen,
+    --nbd-listen or --iscsi-listen) or stop the process that holds it."""
 
 
 class ApiError(DingyuanError):

@@ -129,6 +129,8 @@ def export_start(
     """
     if ipxe_file is not None and protocol != "iscsi":
         raise UsageError("--ipxe needs --protocol iscsi: iPXE has no NBD client")
+    if ipxe_server is not None and ipxe_file is None:
+        raise UsageError("--ipxe-server names the portal in the --ipxe script: give --ipxe FILE too")
     if ipxe_server is not None:
         ipxe_script(ipxe_server, "iqn.2026-11.org.dingyuan:check")  # refuse a bad host before exporting
     doc = start_export(vault_dir, ref, writable, allow, protocol=protocol, chap=chap, mutual_chap=mutual_chap)

@@ -196,6 +196,7 @@ def serve(
     from ..vault.server import VaultServer, parse_listen
 
     ctx = _open_context(vault_dir, passphrase_file)
+    _log_to_stderr(log_level)
     try:
         host, port = parse_listen(listen or ctx.cfg.listen)
 
@@ -223,6 +224,18 @@ def serve(
         click.echo("vault stopped")
     finally:
         ctx.close()
+
+
+def _log_to_stderr(level: str) -> None:
+    """The vault's own log (exports, jobs, housekeeping) on stderr at ``level``, next to the API
+    server's: an operator sees refused logins and dropped clients."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("dingyuan")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 @vault.command("enroll-token")

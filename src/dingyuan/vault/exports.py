@@ -71,6 +71,7 @@ def check_networks(networks: list[str] | None) -> list[str] | None:
 
 
 WILDCARDS = ("0.0.0.0", "::", "")
+NOT_SERVED = "(not served: the vault runs without its iSCSI portal, --iscsi-listen)"
 
 
 def _address(host: str, port: int) -> str:
@@ -133,7 +134,7 @@ class ExportService:
                 self.server.close()
                 raise ListenError(
                     address=_address(self.iscsi_host, self.iscsi_port),
-                    detail=f"{e.strerror or e} (the iSCSI portal: change it with --iscsi-listen, or 'off')",
+                    detail=f"{e.strerror or e} (the iSCSI portal; 'off' serves none)",
                 ) from None
         with Session(self.ctx.engine) as session, session.begin():
             for row in session.scalars(select(Export).order_by(Export.id)):
@@ -158,13 +159,17 @@ class ExportService:
     def uri(self, row: Export) -> str:
         """The URI clients use: the advertised address (``nbd_advertise`` or ``iscsi_advertise``
         in vault.json), else the listening one, else (listening on every address) this machine's
-        name."""
+        name. An iSCSI export of a vault started without its portal says so instead."""
+        if row.protocol == "iscsi" and self.iscsi is None:
+            return NOT_SERVED
         host, port = self._public(row.protocol)
         return _uri(row.protocol, host, port, row.name)
 
     def portal(self, row: Export) -> str | None:
         """``HOST:PORT`` of the iSCSI portal initiators log in to (None for an NBD export)."""
-        return _address(*self._public("iscsi")) if row.protocol == "iscsi" else None
+        if row.protocol != "iscsi" or self.iscsi is None:
+            return None
+        return _address(*self._public("iscsi"))
 
     def iscsi_portal(self) -> str:
         return _address(*self._public("iscsi"))
@@ -225,6 +230,7 @@ class ExportService:
                 iscsi.add(
                     row.name,
                     device,
+                    identity=f"{row.kind}:{row.target}",
                     alias=f"dingyuan {row.kind} {row.target[:12]}",
                     chap=_credentials(row.chap_user, row.chap_secret),
                     mutual_chap=_credentials(row.mutual_chap_user, row.mutual_chap_secret),
@@ -285,10 +291,12 @@ class ExportService:
     def remove(self, session: Session, row: Export) -> None:
         """Stop serving ``row`` (its connections are closed) and delete it."""
         if row.protocol == "iscsi":
-            self._iscsi_server().remove(row.name)
+            if self.iscsi is not None:  # else it was never served in this run
+                self.iscsi.remove(row.name)
+                self._release(row.kind, row.target)
         else:
             self.server.remove(row.name)
-        self._release(row.kind, row.target)
+            self._release(row.kind, row.target)
         session.delete(row)
 
     def exports_of(self, session: Session, kind: str, target: str) -> list[Export]:

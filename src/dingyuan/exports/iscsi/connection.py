@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from dingyuan.exports.iscsi import pdu as p
 from dingyuan.exports.iscsi.pdu import Bhs, Pdu, ProtocolViolation
-from dingyuan.exports.iscsi.session import SN_MASK, Session, sn_delta
-from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, build_text, parse_text
+from dingyuan.exports.iscsi.session import SN_MASK, Session
+from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, SessionParams, build_text, parse_text
 from dingyuan.exports.scsi import Response
 from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
 
@@ -44,11 +44,13 @@ STATUS_TASK_ABORTED = 0x40
 #: the largest Expected Data Transfer Length of one write we buffer: what the block limits VPD
 #: page tells initiators (MAXIMUM TRANSFER LENGTH), in bytes
 MAX_WRITE = MAX_TRANSFER * BLOCK
+#: Data-In a connection holds at once (read results waiting to be written to a slow initiator)
+READ_BUDGET = 2 * MAX_WRITE
 #: a connection silent this long gets a ping (NOP-In); silent twice as long, it is closed
 PING_INTERVAL = 30.0
 #: Data-Out buffered at once by all connections of a server beyond the unsolicited first bursts;
 #: a write over it waits for its R2Ts until running writes give their buffers back
-WRITE_BUDGET = 8 * MAX_WRITE
+WRITE_BUDGET = 2 * MAX_WRITE
 
 TMF_ABORT_TASK = 1
 TMF_ABORT_TASK_SET = 2
@@ -88,11 +90,11 @@ def encode_lun(lun: int) -> int:
     return first << 48
 
 
-class WriteBudget:
-    """Bytes of Data-Out buffers a server may hold; writes that do not fit wait their turn,
-    in order, without blocking any connection's reader."""
+class ByteBudget:
+    """Bytes of buffers (a server's Data-Out, a connection's Data-In) that may be held at once;
+    a request that does not fit waits its turn, in order, without blocking a reader loop."""
 
-    def __init__(self, limit: int = WRITE_BUDGET) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
@@ -114,6 +116,23 @@ class WriteBudget:
 
     def cancel(self, granted: Callable[[], None]) -> None:
         self._waiting = deque(w for w in self._waiting if w[1] is not granted)
+
+    async def acquire(self, n: int) -> None:
+        """Wait until ``n`` bytes are ours (:meth:`release` them afterwards)."""
+        done = asyncio.get_running_loop().create_future()
+
+        def granted() -> None:
+            done.set_result(None)
+
+        self.take(n, granted)
+        try:
+            await done
+        except asyncio.CancelledError:
+            if done.done():
+                self.release(n)
+            else:
+                self.cancel(granted)
+            raise
 
 
 @dataclass(eq=False)
@@ -140,6 +159,7 @@ class Task:
     running: asyncio.Task[None] | None = None
     budget: int = 0  # bytes of the server's write budget this task holds
     waiting_for_budget: Callable[[], None] | None = None
+    counted: bool = False  # holds a place in the session's command window
 
     @property
     def complete(self) -> bool:
@@ -160,6 +180,7 @@ class Connection:
         stat_sn: int,
         executor: Executor,
         peer_text: str,
+        params: SessionParams,
         ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.server = server
@@ -170,7 +191,7 @@ class Connection:
         self._stat_sn = stat_sn
         self._executor = executor
         self.peer_text = peer_text
-        params = session.params
+        # digests and MaxRecvDataSegmentLength are each connection's own (its login negotiated them)
         self._header_digest = params.header_digest == "CRC32C"
         self._data_digest = params.data_digest == "CRC32C"
         self._max_send = params.max_recv_data_segment_length
@@ -183,6 +204,7 @@ class Connection:
         self.bytes_read = 0
         self.bytes_written = 0
         self._ping_interval = ping_interval
+        self._read_budget = ByteBudget(READ_BUDGET)
         self._heard = asyncio.get_running_loop().time()  # when the initiator last sent a PDU
 
     # -- the reader loop ----------------------------------------------------------------------
@@ -191,6 +213,7 @@ class Connection:
         pinger = asyncio.get_running_loop().create_task(self._ping())
         try:
             while not self._closing:
+                await self._drain()  # an initiator that does not read makes us stop reading
                 pdu = await self._read_pdu()
                 self._heard = asyncio.get_running_loop().time()
                 if pdu is None:
@@ -370,19 +393,22 @@ class Connection:
             reads=reads,
             writes=writes,
         )
+        if not bhs.immediate:
+            task.counted = True
+            self.session.outstanding += 1
         self.tasks[task.itt] = task
         self.commands += 1
         read_length = bhs.expected_data_transfer_length if reads else 0
         if not writes:
             if pdu.data:
                 self._reject(pdu, p.REJECT_PROTOCOL_ERROR)
-                del self.tasks[task.itt]
+                self._forget(task)
                 return
             self._start(task, read_length)
             return
         if task.expected_length > MAX_WRITE:
             # too large to buffer: refuse without taking its data (Data-Out for it is dropped)
-            del self.tasks[task.itt]
+            self._forget(task)
             self._respond(
                 task, Response(status=STATUS_CHECK_CONDITION, sense=_SENSE_INVALID_FIELD_IN_CDB), 0, 0
             )
@@ -391,7 +417,7 @@ class Connection:
         if len(pdu.data) > min(task.expected_length, params.first_burst_length) or (
             pdu.data and not params.immediate_data
         ):
-            del self.tasks[task.itt]
+            self._forget(task)
             raise ProtocolViolation(f"immediate data of {len(pdu.data)} bytes breaks the negotiated limits")
         task.received = len(pdu.data)
         task.unsolicited_end = (
@@ -493,6 +519,8 @@ class Connection:
         target = self.session.target
         assert target is not None
         loop = asyncio.get_running_loop()
+        held = min(read_length, MAX_WRITE)  # what the command may read; the SCSI layer caps it so
+        await self._read_budget.acquire(held)
         try:
             scsi = target.opened
             if scsi is None:
@@ -500,17 +528,18 @@ class Connection:
             response = await loop.run_in_executor(
                 self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
             )
+            self._free(task)
+            if task.aborted or self._closing:
+                return
+            self._forget(task)
+            self._respond(task, response, read_length, len(response.data))
+            await self._drain()
         except Exception:
             log.exception("%s: command %s failed in the target", self.peer_text, task.cdb[:1].hex())
             self.hang_up()
-            return
         finally:
             self._free(task)
-        if task.aborted or self._closing:
-            return
-        self.tasks.pop(task.itt, None)
-        self._respond(task, response, read_length, len(response.data))
-        await self._drain()
+            self._read_budget.release(held)
 
     def _respond(self, task: Task, response: Response, read_length: int, produced: int) -> None:
         """Data-In (cut to the expected length) and the status, with residual counts."""
@@ -526,7 +555,7 @@ class Connection:
             flags = p.RSP_OVERFLOW
         elif residual < 0:
             flags = p.RSP_UNDERFLOW
-        residual = abs(residual)
+        residual = min(abs(residual), 0xFFFFFFFF)  # a hostile CDB can ask for more than 4 GiB
         if task.writes and response.data_out_length == 0 and task.expected_length == 0:
             flags, residual = 0, 0
         data_sn = self._data_in(task, data, response, flags, residual)
@@ -641,12 +670,12 @@ class Connection:
         elif function in (TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET, TMF_LUN_RESET) and lun != 0:
             response = TMF_NO_LUN
         elif function == TMF_ABORT_TASK:
-            referenced = bhs.ttt
-            task = self.tasks.get(referenced)
-            if task is not None:
-                await self._abort_all([task], wait=True)
-            elif sn_delta(bhs.word(p.OFF_MAX_CMD_SN), self.session.exp_cmd_sn) >= 0:
-                response = TMF_NO_TASK  # its command never arrived
+            referenced = bhs.ttt  # the Referenced Task Tag sits where other PDUs have their TTT
+            owner = next((c for c in self._own() if referenced in c.tasks), None)
+            if owner is not None:
+                await owner._abort_all([owner.tasks[referenced]], wait=True)
+            elif not self.session.consider_received(bhs.word(p.OFF_MAX_CMD_SN), bhs.cmd_sn):
+                response = TMF_NO_TASK
         elif function in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET):
             connections = self._target_connections() if function == TMF_CLEAR_TASK_SET else self._own()
             for connection in connections:
@@ -676,6 +705,15 @@ class Connection:
             return self._own()
         return [c for s in list(target.sessions) for c in s.connections.values()]
 
+    def _forget(self, task: Task) -> None:
+        """The task is done (answered, refused or aborted): it leaves the table and, if it took a
+        place in the session's command window, gives it back (MaxCmdSN moves on)."""
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        if task.counted:
+            task.counted = False
+            self.session.outstanding -= 1
+
     def _free(self, task: Task) -> None:
         """Give back a task's Data-Out buffer and its share of the write budget."""
         task.buffer = bytearray()
@@ -691,7 +729,7 @@ class Connection:
         running = []
         for task in list(tasks):
             task.aborted = True
-            self.tasks.pop(task.itt, None)
+            self._forget(task)
             if task.running is not None and not task.running.done():
                 running.append(task.running)
             elif task.running is None:

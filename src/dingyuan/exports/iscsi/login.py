@@ -23,6 +23,7 @@ from dingyuan.exports.iscsi.pdu import (
     DETAIL_AUTHENTICATION_FAILURE,
     DETAIL_INITIATOR_ERROR,
     DETAIL_INVALID_DURING_LOGIN,
+    DETAIL_MISSING_PARAMETER,
     DETAIL_UNSUPPORTED_VERSION,
     OFF_CMD_SN,
     OFF_DATA_SN,
@@ -36,6 +37,7 @@ from dingyuan.exports.iscsi.pdu import (
     STATUS_INITIATOR_ERROR,
     Bhs,
     Pdu,
+    ProtocolViolation,
     build_tail,
     isid_tsih,
     login_flags,
@@ -118,6 +120,7 @@ class Login:
         self._stage: int | None = None
         self._first: Bhs | None = None
         self._target: TargetAuth | None = None
+        self._named = False  # the first request's text named the initiator and the target
         self._chap: ChapAuthenticator | None = None
         self._authenticated = False
         self._pending_text = bytearray()
@@ -149,7 +152,10 @@ class Login:
             if bhs.transit:
                 raise _initiator_error("a login request may not set both T and C")
             return self._response(bhs, b"", transit=False), None
-        offers = parse_text(bytes(self._pending_text), max_length=MAX_LOGIN_TEXT)
+        try:
+            offers = parse_text(bytes(self._pending_text), max_length=MAX_LOGIN_TEXT)
+        except ProtocolViolation as e:  # malformed text: refused with a response that says so
+            raise _initiator_error(str(e)) from e
         self._pending_text.clear()
         answers = self._answer(offers)
         transit = bhs.transit and self._may_leave(bhs.csg)
@@ -194,10 +200,16 @@ class Login:
 
     def _answer(self, offers: Pairs) -> Pairs:
         keys = dict(offers)
-        if self._target is None and keys.get("SessionType", self._params.session_type) == "Normal":
-            name = keys.get("TargetName") or self._params.target_name
-            if name is not None:
-                self._target = self._find_target(name, self._peer)
+        if not self._named:
+            self._name_parties(keys)
+        else:
+            for key, known in (
+                ("InitiatorName", self._params.initiator_name),
+                ("TargetName", self._params.target_name),
+                ("SessionType", self._params.session_type),
+            ):
+                if key in keys and keys[key] != known:
+                    raise _initiator_error(f"{key} changed during the login")
         answers: Pairs = []
         if not self._sent_tpgt and self._target is not None:
             answers.append(("TargetPortalGroupTag", str(self._tpgt)))
@@ -219,6 +231,27 @@ class Login:
             if "MaxRecvDataSegmentLength" not in keys:
                 answers.append(("MaxRecvDataSegmentLength", str(self._config.max_recv_data_segment_length)))
         return answers
+
+    def _name_parties(self, keys: dict[str, str]) -> None:
+        """The first login request names the initiator and, for a normal session, the target
+        (RFC 7143 section 6.3): the target, and so whether CHAP is required, is known before any
+        other key is answered, and cannot change afterwards."""
+        self._named = True
+        if "InitiatorName" not in keys:
+            raise LoginRefused(
+                "the first login request must carry InitiatorName",
+                status_class=STATUS_INITIATOR_ERROR,
+                status_detail=DETAIL_MISSING_PARAMETER,
+            )
+        if keys.get("SessionType", "Normal") == "Normal":
+            name = keys.get("TargetName")
+            if not name:
+                raise LoginRefused(
+                    "the first login request of a normal session must carry TargetName",
+                    status_class=STATUS_INITIATOR_ERROR,
+                    status_detail=DETAIL_MISSING_PARAMETER,
+                )
+            self._target = self._find_target(name, self._peer)
 
     @property
     def _needs_chap(self) -> bool:

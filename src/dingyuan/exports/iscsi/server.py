@@ -36,7 +36,7 @@ from dingyuan.exports import access
 from dingyuan.exports.blockdev import DeviceSource
 from dingyuan.exports.iscsi import pdu as p
 from dingyuan.exports.iscsi.chap import Credentials
-from dingyuan.exports.iscsi.connection import PING_INTERVAL, Connection, WriteBudget
+from dingyuan.exports.iscsi.connection import PING_INTERVAL, WRITE_BUDGET, ByteBudget, Connection
 from dingyuan.exports.iscsi.login import Login, LoginResult, refusal
 from dingyuan.exports.iscsi.pdu import ProtocolViolation
 from dingyuan.exports.iscsi.session import Session, Target
@@ -85,7 +85,7 @@ class IscsiServer:
         self._max_connections = max_connections
         self._targets: dict[str, Target] = {}
         self._sessions: dict[int, Session] = {}
-        self.write_budget = WriteBudget()
+        self.write_budget = ByteBudget(WRITE_BUDGET)
         self._handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self._bound_port: int | None = None
@@ -101,18 +101,26 @@ class IscsiServer:
         name: str,
         device: DeviceSource,
         *,
+        identity: str | None = None,
         alias: str = "",
         chap: Credentials | None = None,
         mutual_chap: Credentials | None = None,
         allowed_clients: Iterable[access.IpNetwork | str] | None = None,
     ) -> None:
         """Export ``device`` (or what a factory returns, opened at the first login) as target
-        ``name`` (an IQN), LUN 0. ``chap``: the initiator must authenticate with these
-        credentials; ``mutual_chap``: the target's own, for initiators that check the target."""
+        ``name`` (an IQN), LUN 0. ``identity`` (default: the name) fixes the disk's serial and
+        NAA id; ``chap``: the initiator must authenticate with these credentials;
+        ``mutual_chap``: the target's own, for initiators that check the target."""
         if name in self._targets:
             raise UsageError(f"target {name} is already exported")
         self._targets[name] = Target(
-            name, device, alias=alias, chap=chap, mutual_chap=mutual_chap, allowed_clients=allowed_clients
+            name,
+            device,
+            identity=identity,
+            alias=alias,
+            chap=chap,
+            mutual_chap=mutual_chap,
+            allowed_clients=allowed_clients,
         )
         log.info("exporting target %s", name)
 
@@ -233,7 +241,13 @@ class IscsiServer:
             portal_group_tag=self.portal_group_tag,
         )
         bound: list[Session] = []
-        result = await asyncio.wait_for(self._login(login, reader, writer, bound), self._login_timeout)
+        try:
+            result = await asyncio.wait_for(self._login(login, reader, writer, bound), self._login_timeout)
+        except BaseException:
+            # bound, but the final response never went out: the session has no connection to end it
+            if bound and not bound[0].connections:
+                await self._forget(bound[0])
+            raise
         session = bound[0]
         connection = Connection(
             self,
@@ -244,6 +258,7 @@ class IscsiServer:
             stat_sn=login.stat_sn,
             executor=self._executor,
             peer_text=peer_text,
+            params=result.params,
             ping_interval=self._ping_interval,
         )
         old = session.connections.get(result.cid)

@@ -45,6 +45,7 @@ class Target:
         name: str,
         source: DeviceSource,
         *,
+        identity: str | None = None,
         alias: str = "",
         chap: Credentials | None = None,
         mutual_chap: Credentials | None = None,
@@ -55,6 +56,9 @@ class Target:
         if mutual_chap is not None and chap is None:
             raise UsageError("mutual CHAP needs the initiator's CHAP credentials too")
         self.name = name
+        #: what the disk's serial and NAA identifier derive from: the same for every export of one
+        #: snapshot or clone, so a server (multipath, a cluster, Windows' disk list) knows it again
+        self.identity = identity or name
         self.alias = alias
         self.chap = chap
         self.mutual_chap = mutual_chap
@@ -77,7 +81,7 @@ class Target:
         worker thread, since opening a device may read a repository."""
         if self._scsi is None:
             device = self._source() if callable(self._source) else self._source
-            digest = hashlib.sha256(self.name.encode()).digest()
+            digest = hashlib.sha256(self.identity.encode()).digest()
             unit = LogicalUnit(device, serial=digest[:8].hex(), device_id=digest[8:24])
             self._scsi = ScsiTarget({0: unit})
         return self._scsi
@@ -102,8 +106,11 @@ class Session:
 
     def __post_init__(self) -> None:
         self.connections: dict[int, Connection] = {}
-        #: commands that arrived ahead of ExpCmdSN (only with several connections), by CmdSN
-        self._waiting: dict[int, tuple[Connection, Pdu]] = {}
+        #: SCSI commands admitted and not yet answered: each narrows the window MaxCmdSN opens
+        self.outstanding = 0
+        #: commands that arrived ahead of ExpCmdSN (only with several connections), by CmdSN;
+        #: None holds the place of a command an ABORT TASK took as received
+        self._waiting: dict[int, tuple[Connection, Pdu] | None] = {}
 
     @property
     def initiator_name(self) -> str:
@@ -120,7 +127,10 @@ class Session:
 
     @property
     def max_cmd_sn(self) -> int:
-        return (self.exp_cmd_sn + COMMAND_WINDOW - 1) & SN_MASK
+        """ExpCmdSN plus the free places of the window: commands still running hold theirs, so an
+        initiator can have at most COMMAND_WINDOW commands open. It never decreases: admitting a
+        command moves ExpCmdSN up as its place is taken."""
+        return (self.exp_cmd_sn + COMMAND_WINDOW - 1 - self.outstanding) & SN_MASK
 
     def admit(self, connection: Connection, pdu: Pdu) -> list[tuple[Connection, Pdu]]:
         """The non-immediate PDUs ready to run, in CmdSN order, after ``pdu`` arrived.
@@ -129,16 +139,38 @@ class Session:
         4.2.2.1); one ahead of ExpCmdSN waits for the ones before it.
         """
         delta = sn_delta(pdu.bhs.cmd_sn, self.exp_cmd_sn)
-        if not 0 <= delta < COMMAND_WINDOW or pdu.bhs.cmd_sn in self._waiting:
+        if not 0 <= delta <= sn_delta(self.max_cmd_sn, self.exp_cmd_sn) or pdu.bhs.cmd_sn in self._waiting:
             return []
         self._waiting[pdu.bhs.cmd_sn] = (connection, pdu)
+        return self._deliverable()
+
+    def _deliverable(self) -> list[tuple[Connection, Pdu]]:
+        """Take what waits at ExpCmdSN and after it, in order, moving ExpCmdSN on."""
         ready = []
         while self.exp_cmd_sn in self._waiting:
-            ready.append(self._waiting.pop(self.exp_cmd_sn))
+            waiting = self._waiting.pop(self.exp_cmd_sn)
+            if waiting is not None:
+                ready.append(waiting)
             self.exp_cmd_sn = (self.exp_cmd_sn + 1) & SN_MASK
         return ready
 
+    def consider_received(self, ref_cmd_sn: int, tmf_cmd_sn: int) -> bool:
+        """ABORT TASK for a task we do not know (RFC 7143 section 11.5.1): a RefCmdSN inside the
+        command window and before the request's own CmdSN is taken as received (the command,
+        if it arrives later, is dropped), and the abort succeeds; one outside the window names
+        no task. Whether the abort succeeds."""
+        delta = sn_delta(ref_cmd_sn, self.exp_cmd_sn)
+        if (
+            not 0 <= delta <= sn_delta(self.max_cmd_sn, self.exp_cmd_sn)
+            or sn_delta(ref_cmd_sn, tmf_cmd_sn) >= 0
+        ):
+            return False
+        if ref_cmd_sn not in self._waiting:
+            self._waiting[ref_cmd_sn] = None
+            self._deliverable()  # a placeholder at ExpCmdSN moves it on
+        return True
+
     def forget_waiting(self, connection: Connection) -> None:
         """Drop what a closed connection left waiting for earlier commands."""
-        for sn in [sn for sn, (c, _) in self._waiting.items() if c is connection]:
+        for sn in [sn for sn, w in self._waiting.items() if w is not None and w[0] is connection]:
             del self._waiting[sn]
