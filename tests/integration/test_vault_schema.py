@@ -40,7 +40,7 @@ def ctx(tmp_path: Path) -> Iterator[VaultContext]:
     cfg = make_vault(tmp_path)
     c = open_vault_context(cfg.dir, PASSPHRASE)
     ingest = c.extras["ingest"] = Ingest(c.repo, tmp_path / "spool")  # upload sessions are live
-    exports = c.extras[EXPORTS] = ExportService(c, "127.0.0.1", 0)  # so are exports and clones
+    exports = c.extras[EXPORTS] = ExportService(c, nbd_listen=("127.0.0.1", 0))  # so are exports and clones
     exports.start()
     yield c
     exports.stop()

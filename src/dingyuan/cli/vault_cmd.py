@@ -206,9 +206,10 @@ def serve(
             click.echo("  plaintext http:// to this port is refused; stop with Ctrl-C or SIGTERM")
             exports = server.ctx.extras.get(EXPORTS)
             if exports is not None:
-                click.echo(f"  exports over NBD on {exports.host}:{exports.port}")
-                if exports.iscsi is not None:
-                    click.echo(f"  exports over iSCSI on {exports.iscsi_portal()}")
+                for protocol, name in (("nbd", "NBD"), ("iscsi", "iSCSI")):
+                    address = exports.listening(protocol)
+                    if address is not None:
+                        click.echo(f"  exports over {name} on {address}")
 
         nbd = nbd_listen or ctx.cfg.nbd_listen
         iscsi = iscsi_listen or ctx.cfg.iscsi_listen

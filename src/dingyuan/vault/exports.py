@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -41,7 +41,6 @@ from .context import VaultContext
 log = logging.getLogger(__name__)
 EXTRA = "exports"  # the service's key in VaultContext.extras
 CLONES_DIR = "clones"
-DEFAULT_NBD_PORT = 10809
 
 
 def new_export_name() -> str:
@@ -71,7 +70,7 @@ def check_networks(networks: list[str] | None) -> list[str] | None:
 
 
 WILDCARDS = ("0.0.0.0", "::", "")
-NOT_SERVED = "(not served: the vault runs without its iSCSI portal, --iscsi-listen)"
+NOT_SERVED = "(not served: the vault runs without its {protocol} listener, --{protocol}-listen)"
 
 
 def _address(host: str, port: int) -> str:
@@ -101,24 +100,23 @@ class ExportService:
     def __init__(
         self,
         ctx: VaultContext,
-        host: str,
-        port: int,
-        advertise: str | None = None,
         *,
+        nbd_listen: tuple[str, int] | None,
         iscsi_listen: tuple[str, int] | None = None,
     ) -> None:
+        if nbd_listen is None and iscsi_listen is None:
+            raise UsageError("an export service needs an NBD or an iSCSI listen address")
         self.ctx = ctx
         self.clones = CloneStore(ctx.repo, ctx.cfg.dir / CLONES_DIR)
-        self.server = ThreadedNbdServer(host=host, port=port)
-        self.host = host
-        self.advertise = advertise
+        self.nbd: ThreadedNbdServer | None = None
         self.iscsi: ThreadedIscsiServer | None = None
-        self.iscsi_host, self.iscsi_port = "", 0
-        self.iscsi_advertise = ctx.cfg.iscsi_advertise or None
+        self._listen = {"nbd": nbd_listen or ("", 0), "iscsi": iscsi_listen or ("", 0)}
+        self._advertise = {"nbd": ctx.cfg.nbd_advertise or None, "iscsi": ctx.cfg.iscsi_advertise or None}
+        if nbd_listen is not None:
+            self.nbd = ThreadedNbdServer(host=nbd_listen[0], port=nbd_listen[1])
         if iscsi_listen is not None:
-            self.iscsi_host, self.iscsi_port = iscsi_listen
             self.iscsi = ThreadedIscsiServer(
-                host=self.iscsi_host, port=self.iscsi_port, advertise=self.iscsi_advertise
+                host=iscsi_listen[0], port=iscsi_listen[1], advertise=self._advertise["iscsi"]
             )
         self._lock = threading.RLock()
         self._open: dict[str, _Open] = {}  # "snapshot:<id>" / "clone:<id>" -> device
@@ -126,16 +124,20 @@ class ExportService:
     # lifetime -------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the NBD server and the iSCSI target, and serve every export of the catalog again."""
-        self.server.start()
-        if self.iscsi is not None:
+        started: list[ThreadedNbdServer | ThreadedIscsiServer] = []
+        for protocol, server in (("NBD", self.nbd), ("iSCSI", self.iscsi)):
+            if server is None:
+                continue
             try:
-                self.iscsi.start()
+                server.start()
             except OSError as e:
-                self.server.close()
+                for other in started:
+                    other.close()
                 raise ListenError(
-                    address=_address(self.iscsi_host, self.iscsi_port),
-                    detail=f"{e.strerror or e} (the iSCSI portal; 'off' serves none)",
+                    address=_address(*self._listen[protocol.lower()]),
+                    detail=f"{e.strerror or e} (the {protocol} listener; 'off' serves none)",
                 ) from None
+            started.append(server)
         with Session(self.ctx.engine) as session, session.begin():
             for row in session.scalars(select(Export).order_by(Export.id)):
                 try:
@@ -144,24 +146,25 @@ class ExportService:
                     log.error("export %d (%s %s) cannot be served again: %s", row.id, row.kind, row.target, e)
 
     def stop(self) -> None:
-        self.server.close()
-        if self.iscsi is not None:
-            self.iscsi.close()
+        for server in (self.nbd, self.iscsi):
+            if server is not None:
+                server.close()
         with self._lock:
             for opened in self._open.values():
                 opened.device.close()
             self._open.clear()
 
-    @property
-    def port(self) -> int:
-        return self.server.port
+    def listening(self, protocol: str) -> str | None:
+        """``HOST:PORT`` the ``protocol`` ("nbd" or "iscsi") listener is bound to; None when off."""
+        server = self.nbd if protocol == "nbd" else self.iscsi
+        return None if server is None else _address(self._listen[protocol][0], server.port)
 
     def uri(self, row: Export) -> str:
         """The URI clients use: the advertised address (``nbd_advertise`` or ``iscsi_advertise``
         in vault.json), else the listening one, else (listening on every address) this machine's
-        name. An iSCSI export of a vault started without its portal says so instead."""
-        if row.protocol == "iscsi" and self.iscsi is None:
-            return NOT_SERVED
+        name. An export whose protocol this vault run does not serve says so instead."""
+        if self._server(row.protocol, required=False) is None:
+            return NOT_SERVED.format(protocol=row.protocol)
         host, port = self._public(row.protocol)
         return _uri(row.protocol, host, port, row.name)
 
@@ -171,31 +174,34 @@ class ExportService:
             return None
         return _address(*self._public("iscsi"))
 
-    def iscsi_portal(self) -> str:
-        return _address(*self._public("iscsi"))
-
     def _public(self, protocol: str) -> tuple[str, int]:
-        if protocol == "iscsi":
-            host, port = self.iscsi_advertise or self.iscsi_host, self._iscsi_server().port
-        else:
-            host, port = self.advertise or self.host, self.port
+        host = self._advertise[protocol] or self._listen[protocol][0]
+        port = self._server(protocol).port
         return (socket.getfqdn() if host in WILDCARDS else host), port
 
     def local_uri(self, row: Export) -> str:
         """The URI for the vault's own machine (its VMs and mounts): loopback when it listens there."""
-        if row.protocol == "iscsi":
-            host, port = self.iscsi_host, self._iscsi_server().port
-        else:
-            host, port = self.host, self.port
+        host = self._listen[row.protocol][0]
+        port = self._server(row.protocol).port
         return _uri(row.protocol, "127.0.0.1" if host in WILDCARDS else host, port, row.name)
 
-    def _iscsi_server(self) -> ThreadedIscsiServer:
-        if self.iscsi is None:
+    @overload
+    def _server(self, protocol: str) -> ThreadedNbdServer | ThreadedIscsiServer: ...
+
+    @overload
+    def _server(self, protocol: str, *, required: bool) -> ThreadedNbdServer | ThreadedIscsiServer | None: ...
+
+    def _server(
+        self, protocol: str, *, required: bool = True
+    ) -> ThreadedNbdServer | ThreadedIscsiServer | None:
+        server = self.nbd if protocol == "nbd" else self.iscsi
+        if server is None and required:
+            option = "nbd" if protocol == "nbd" else "iscsi"
             raise ExportError(
-                "this vault serves no iSCSI: start it with `dingyuan vault serve --iscsi-listen "
-                "HOST:PORT` (or set iscsi_listen in vault.json)"
+                f"this vault serves no {'NBD' if protocol == 'nbd' else 'iSCSI'}: start it with "
+                f"`dingyuan vault serve --{option}-listen HOST:PORT` (or set {option}_listen in vault.json)"
             )
-        return self.iscsi
+        return server
 
     # devices ----------------------------------------------------------------------------------------
     def _acquire(self, kind: str, target: str) -> BlockDevice:
@@ -223,11 +229,11 @@ class ExportService:
                 opened.device.close()
 
     def _serve(self, row: Export) -> None:
-        iscsi = self._iscsi_server() if row.protocol == "iscsi" else None
+        server = self._server(row.protocol)
         device = self._acquire(row.kind, row.target)
         try:
-            if iscsi is not None:
-                iscsi.add(
+            if isinstance(server, ThreadedIscsiServer):
+                server.add(
                     row.name,
                     device,
                     identity=f"{row.kind}:{row.target}",
@@ -237,7 +243,7 @@ class ExportService:
                     allowed_clients=row.allowed_clients,
                 )
             else:
-                self.server.add(row.name, device, allowed_clients=row.allowed_clients)
+                server.add(row.name, device, allowed_clients=row.allowed_clients)
         except BaseException:
             self._release(row.kind, row.target)
             raise
@@ -259,9 +265,8 @@ class ExportService:
         """Export a snapshot (read-only) or a clone over ``protocol``; ``writable`` with a snapshot
         makes a clone of it first. ``chap`` and ``mutual_chap`` are for iSCSI only. The row is
         added to ``session`` (committed by the caller)."""
-        if protocol == "iscsi":
-            self._iscsi_server()
-        elif chap is not None or mutual_chap is not None:
+        self._server(protocol)
+        if protocol != "iscsi" and (chap is not None or mutual_chap is not None):
             raise UsageError("CHAP is for iSCSI exports: add --protocol iscsi")
         if mutual_chap is not None and chap is None:
             raise UsageError("mutual CHAP needs the initiator's CHAP credentials too (--chap)")
@@ -290,12 +295,9 @@ class ExportService:
 
     def remove(self, session: Session, row: Export) -> None:
         """Stop serving ``row`` (its connections are closed) and delete it."""
-        if row.protocol == "iscsi":
-            if self.iscsi is not None:  # else it was never served in this run
-                self.iscsi.remove(row.name)
-                self._release(row.kind, row.target)
-        else:
-            self.server.remove(row.name)
+        server = self._server(row.protocol, required=False)
+        if server is not None:  # else it was never served in this run
+            server.remove(row.name)
             self._release(row.kind, row.target)
         session.delete(row)
 
@@ -340,5 +342,5 @@ def service(ctx: VaultContext) -> ExportService:
     """The running vault's export service (ExportError if it runs without one)."""
     svc = ctx.extras.get(EXTRA)
     if not isinstance(svc, ExportService):
-        raise ExportError("this vault serves no exports (it was started without an NBD listener)")
+        raise ExportError("this vault serves no exports (it was started with its NBD and iSCSI listeners off)")
     return svc

@@ -303,13 +303,10 @@ class VaultServer:
         try:
             if keeper:
                 keeper.start()  # recovery first: no request before the spool is packed
-            if self.nbd_listen is not None:
-                host, port = parse_listen(self.nbd_listen)
+            if self.nbd_listen is not None or self.iscsi_listen is not None:
                 exports = ExportService(
                     self.ctx,
-                    host,
-                    port,
-                    self.ctx.cfg.nbd_advertise or None,
+                    nbd_listen=None if self.nbd_listen is None else parse_listen(self.nbd_listen),
                     iscsi_listen=None if self.iscsi_listen is None else parse_listen(self.iscsi_listen),
                 )
                 self.ctx.extras[EXPORTS] = exports
