@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
-from vaultkit import PASSPHRASE, make_snapshot, make_vault
 
 from dingyuan.errors import ExportError
 from dingyuan.vault.context import open_vault_context
 from dingyuan.vault.exports import ExportService
+from vaultkit import PASSPHRASE, make_snapshot, make_vault
 
 
 def test_an_iscsi_only_vault_serves_iscsi_and_says_how_to_serve_nbd(tmp_path: Path) -> None:

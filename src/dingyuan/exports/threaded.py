@@ -10,14 +10,27 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from dingyuan.errors import UsageError
+from dingyuan.exports.blockdev import DeviceSource
 
 _T = TypeVar("_T")
 
 
 class AsyncServer(Protocol):
+    """What the NBD and iSCSI servers have in common: a lifetime, a port, named exports."""
+
+    @property
+    def port(self) -> int: ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    @property
+    def add(self) -> Callable[..., None]:
+        """add(name, device, **the server's own options)"""
+        ...
+
+    async def remove(self, name: str) -> None: ...
 
 
 S = TypeVar("S", bound=AsyncServer)
@@ -66,6 +79,18 @@ class ThreadedServer(Generic[S]):
         if self._server is None:
             raise UsageError(f"the {self._name} is not running")
         return self._server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def add(self, name: str, device: DeviceSource, **options: Any) -> None:
+        """Export ``device`` (or what a factory returns) as ``name``; the server's own options."""
+        self.call(lambda server: server.add(name, device, **options))
+
+    def remove(self, name: str) -> None:
+        """Stop exporting ``name``, once its clients are gone."""
+        self.run(self.server.remove(name))
 
     def call(self, function: Callable[[S], _T]) -> _T:
         """``function(server)`` run in the server's loop (for its non-coroutine methods)."""

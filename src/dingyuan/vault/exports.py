@@ -342,5 +342,5 @@ def service(ctx: VaultContext) -> ExportService:
     """The running vault's export service (ExportError if it runs without one)."""
     svc = ctx.extras.get(EXTRA)
     if not isinstance(svc, ExportService):
-        raise ExportError("this vault serves no exports (it was started with its NBD and iSCSI listeners off)")
+        raise ExportError("this vault serves no exports (its NBD and iSCSI listeners are both off)")
     return svc

@@ -421,15 +421,5 @@ class ThreadedIscsiServer(ThreadedServer[IscsiServer]):
     def __init__(self, **options: Any) -> None:
         super().__init__(lambda: IscsiServer(**options), name="iscsi-server")
 
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def add(self, name: str, device: DeviceSource, **options: Any) -> None:
-        self.call(lambda server: server.add(name, device, **options))
-
-    def remove(self, name: str) -> None:
-        self.run(self.server.remove(name))
-
     def sessions(self) -> list[SessionInfo]:
         return self.call(IscsiServer.sessions)

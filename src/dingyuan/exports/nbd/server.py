@@ -257,16 +257,6 @@ class ThreadedNbdServer(ThreadedServer[NbdServer]):
     def __init__(self, **options: Any) -> None:
         super().__init__(lambda: NbdServer(**options), name="nbd-server")
 
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def add(self, name: str, device: DeviceSource, **options: Any) -> None:
-        self.call(lambda server: server.add(name, device, **options))
-
-    def remove(self, name: str) -> None:
-        self.run(self.server.remove(name))
-
     def names(self) -> list[str]:
         return self.call(NbdServer.names)
 
