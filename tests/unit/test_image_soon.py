@@ -1,9 +1,10 @@
 """SnapshotImage.read_soon: the non-blocking read an event loop (the NBD server) relies on.
 
 What the server relies on: read_soon never blocks (it declines, with None, a read that would
-need a tree node load or an index lookup); a read it starts calls back once, when the last of
-its chunks arrives, and then gives exactly the snapshot's bytes; a chunk that fails its check
-fails that read with CorruptObject, never returns other bytes.
+need a tree node load, and leaves index lookups and fetches to the decoding threads); a read it
+starts calls back once, when the last of its chunks arrives, and then gives exactly the
+snapshot's bytes; a chunk that fails its check fails that read with CorruptObject, never
+returns other bytes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _snapshot(repo: Repository, tmp_path: Path, data: bytes) -> Snapshot:
     return snap
 
 
-def test_read_soon_declines_what_would_block_and_serves_what_is_cached(repo: Repository, tmp_path: Path) -> None:
+def test_read_soon_declines_a_tree_load_and_serves_cached_and_new_chunks(repo: Repository, tmp_path: Path) -> None:
     data = random.Random(1).randbytes(MiB) + bytes(MiB)  # a hole at the end
     snap = _snapshot(repo, tmp_path, data)
     with SnapshotImage(repo, snap) as img:
@@ -62,6 +63,12 @@ def test_read_soon_declines_what_would_block_and_serves_what_is_cached(repo: Rep
         assert b"".join(pending.parts()) == data[1000 : 1000 + 200 * KiB]
         hole = img.read_soon(MiB + 5, 100 * KiB)  # chunks of a hole need no fetch
         assert hole is not None and b"".join(hole.parts()) == bytes(100 * KiB)
+        fresh = img.read_soon(600 * KiB, 300 * KiB)  # neither cached nor being fetched
+        assert fresh is not None
+        arrived = threading.Event()
+        if fresh.when_ready(arrived.set):
+            assert arrived.wait(10)
+        assert b"".join(fresh.parts()) == data[600 * KiB : 900 * KiB]
 
 
 def test_a_read_of_chunks_in_flight_is_called_back_once_with_the_bytes(tmp_path: Path) -> None:

@@ -352,9 +352,9 @@ class SnapshotImage:
 
     def read_soon(self, offset: int, length: int) -> ChunkRead | None:
         """Start a read without blocking, for callers on an event loop: the :class:`ChunkRead` of
-        the range if every tree node it needs is cached and every chunk cached or already being
-        fetched (as sequential reads are, by read-ahead); else None, and the caller should
-        :meth:`read` in a thread (a lookup in the index or a tree node load would block)."""
+        the range if every tree node it needs is cached (chunks not yet cached or being fetched
+        are looked up and fetched by a decoding thread); else None, and the caller should
+        :meth:`read` in a thread (a tree node load would block)."""
         self._check(offset, length)
         cs = self._cs
         first, last = offset // cs, (offset + length - 1) // cs + 1
@@ -362,8 +362,7 @@ class SnapshotImage:
         if ids is None:
             return None
         pending = ChunkRead(self, offset, length, ids)
-        if not self._request(ids, pending, start=False):
-            return None
+        self._request(ids, pending, background=True)
         self._read_ahead(first, last)
         return pending
 
@@ -470,15 +469,14 @@ class SnapshotImage:
         return locs
 
     # fetching chunks -------------------------------------------------------------------------
-    def _request(self, ids: Iterable[bytes], reader: ChunkRead | None, *, start: bool = True) -> bool:
+    def _request(self, ids: Iterable[bytes], reader: ChunkRead | None, *, background: bool = False) -> None:
         """Give ``reader`` each chunk that is cached and register it with those being fetched;
-        start fetching the others. With ``start=False``, if any chunk would need a fetch started,
-        change nothing and return False."""
+        start fetching the others -- with ``background``, from their lookup on, in a decoding
+        thread, so that the caller never waits (and a lone run is decoded by the thread that
+        looked it up: one thread switch less for a random read)."""
         new: list[bytes] = []
         with self._lock:
             wanted = dict.fromkeys(b for b in ids if b != ZERO_ID)
-            if not start and any(b not in self._chunks and b not in self._inflight for b in wanted):
-                return False
             for bid in wanted:
                 data = self._chunks.get(bid)
                 if data is not None:
@@ -493,19 +491,30 @@ class SnapshotImage:
                     waiting.append(reader)
                     reader._left += 1
             seen = self._index_generation
-        if new:
+        if not new:
+            return
+        if not background:
             self._fetch(new, seen)
-        return True
+            return
+        try:
+            self._pool.submit(self._fetch, new, seen, inline=True)
+        except RuntimeError:  # closed meanwhile
+            self._publish([(bid, ExportError(f"{self.name} is closed")) for bid in new])
 
-    def _fetch(self, ids: list[bytes], seen: int) -> None:
-        """Start fetching ``ids`` (futures in flight): one lookup, runs of neighbouring blobs."""
+    def _fetch(self, ids: list[bytes], seen: int, *, inline: bool = False) -> None:
+        """Fetch ``ids`` (registered in flight): one lookup, then runs of neighbouring blobs,
+        each decoded by a worker -- the last one by this thread if ``inline`` (it is a worker)."""
         try:
             locs = self._locate(ids, seen)
             for bid in ids:
                 if bid not in locs:
                     self._fail(bid, MissingObject(name=f"chunk {bid.hex()}", detail="not in any index"))
-            for run in plan_runs(locs, {b: [] for b in locs}):
+            runs = plan_runs(locs, {b: [] for b in locs})
+            last = runs.pop() if inline and runs else None
+            for run in runs:
                 self._pool.submit(self._fetch_run, run, seen)
+            if last is not None:
+                self._fetch_run(last, seen)
         except BaseException as e:  # a closed pool, a failed lookup: every waiter gets it
             err = e if isinstance(e, RepositoryError) else ExportError(f"{self.name}: {e}")
             for bid in ids:
