@@ -12,8 +12,13 @@ lazy:
   drops the GIL -- in a small thread pool. Every byte served has passed that check; a chunk that
   fails it fails the read with ``CorruptObject``, never returns other bytes.
 - **Chunks are cached by id**, in an LRU bounded by bytes: a chunk that occurs at many offsets
-  (dedup) is fetched once. A chunk being fetched has one future that every reader waits on, so
-  concurrent readers (NBD multi-conn) never fetch it twice.
+  (dedup) is fetched once. A chunk being fetched lists the reads waiting for it, so concurrent
+  readers (NBD multi-conn) never fetch it twice; a read (:class:`ChunkRead`) is woken once, when
+  its last chunk arrives -- on two cores a thread switch per chunk cost more than the decode.
+- **Reads need not block.** ``read`` waits in the caller's thread; ``read_soon`` (for an event
+  loop: the NBD server) returns at once with a :class:`ChunkRead` that calls back when its data is
+  at hand, leaving index lookups and decoding to the decoding threads. It declines (None) only a
+  read whose tree node is not cached, the one load it would have to wait for.
 - **Sequential streams read ahead.** Each stream of reads that follow one another gets a window
   that doubles with every read up to ``max_readahead``; the next window is fetched in the
   background. Several streams are tracked at once (nbdcopy gives each connection its own region).
