@@ -51,7 +51,9 @@ def _snapshot(repo: Repository, tmp_path: Path, data: bytes) -> Snapshot:
     return snap
 
 
-def test_read_soon_declines_a_tree_load_and_serves_cached_and_new_chunks(repo: Repository, tmp_path: Path) -> None:
+def test_read_soon_declines_a_tree_load_and_serves_cached_and_new_chunks(
+    repo: Repository, tmp_path: Path
+) -> None:
     data = random.Random(1).randbytes(MiB) + bytes(MiB)  # a hole at the end
     snap = _snapshot(repo, tmp_path, data)
     with SnapshotImage(repo, snap) as img:
@@ -84,12 +86,18 @@ def test_a_read_of_chunks_in_flight_is_called_back_once_with_the_bytes(tmp_path:
             assert backend.waiting.acquire(timeout=10)
             pending = img.read_soon(CHUNK + 10, 5 * CHUNK)
             assert pending is not None and not pending.done
-            calls: list[int] = []
+            calls: list[str] = []
             called = threading.Event()
-            assert pending.when_ready(lambda: (calls.append(1), called.set()))
+
+            def ready() -> None:
+                calls.append(threading.current_thread().name)
+                called.set()
+
+            assert pending.when_ready(ready)
             backend.gate.set()
             assert called.wait(10)
-            assert pending.done and calls == [1]
+            assert pending.done
+            assert len(calls) == 1 and calls[0] != threading.current_thread().name, "not called back once"
             assert b"".join(pending.parts()) == data[CHUNK + 10 : 6 * CHUNK + 10]
     finally:
         repo.close()

@@ -59,9 +59,8 @@ def test_nbdcopy_with_many_requests_in_flight_copies_the_snapshot(
     uri, content, *_ = served
     for n in range(2):  # the second time, part of it comes from the cache
         out = tmp_path / f"out{n}.img"
-        subprocess.run(
-            ["nbdcopy", "--connections=4", "--requests=64", "--request-size=131072", uri, str(out)], check=True
-        )
+        copy = ["nbdcopy", "--connections=4", "--requests=64", "--request-size=131072", uri, str(out)]
+        subprocess.run(copy, check=True)
         assert out.read_bytes() == content
 
 
