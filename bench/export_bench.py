@@ -11,7 +11,9 @@ serves restored.img; both read from the page cache (the image and the packs were
 Per repetition, alternating the two servers so drift hits both alike:
 
 - **sequential read**: ``nbdcopy URI null:`` (its defaults: 4 connections where multi-conn is
-  offered, 64 requests in flight) of the whole 2 GiB disk; throughput in MB/s.
+  offered, 64 requests in flight) of the whole 2 GiB disk; throughput in MB/s, and the CPU
+  seconds the server process and nbdcopy used for it (on a shared machine, throughput follows
+  the other load; CPU per pass much less so).
 - **4 KiB random read**: a libnbd client (Python, asynchronous, 32 requests in flight, one
   connection) reads 4 KiB at random 4 KiB-aligned offsets for S seconds; IOPS. The client is
   the same for both servers, so the ratio is the servers'.
@@ -19,7 +21,8 @@ Per repetition, alternating the two servers so drift hits both alike:
   ``dingyuan export start huge@latest`` (a new process: CLI start-up and the API call included)
   to the first 4 KiB read through the printed URI.
 
-The budget: sequential read ≥ 0.8× qemu-nbd. Results in WORK/export.json.
+The budget: sequential read ≥ 0.8× qemu-nbd. Results in WORK/export.json, with the load average
+at the start and the end.
 """
 
 from __future__ import annotations
@@ -60,11 +63,25 @@ def connectable(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def sequential(uri: str) -> float:
-    """Seconds for nbdcopy to read the whole export."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def sequential(uri: str, server_pid: int) -> tuple[float, float, float]:
+    """Seconds for nbdcopy to read the whole export, and the CPU seconds the server and nbdcopy
+    used meanwhile."""
+    server0, client0 = cpu_seconds(server_pid), children_cpu()
     t0 = time.monotonic()
     subprocess.run(["nbdcopy", uri, "null:"], check=True)
-    return time.monotonic() - t0
+    elapsed = time.monotonic() - t0
+    return elapsed, cpu_seconds(server_pid) - server0, children_cpu() - client0
 
 
 def random_reads(uri: str, seconds: float, seed: int) -> float:
@@ -205,7 +222,9 @@ def main() -> int:
     setup = Setup(exe, work, data)
     setup.prepare()
     size = (data / "base.img").stat().st_size
-    results: dict[str, list[float]] = {k: [] for k in ("seq_dy", "seq_qemu", "iops_dy", "iops_qemu", "ttfb")}
+    keys = [f"{figure}_{server}" for figure in ("seq", "cpu", "nbdcopy", "iops") for server in ("dy", "qemu")]
+    results: dict[str, list[float]] = {k: [] for k in [*keys, "ttfb"]}
+    load_start = os.getloadavg()
     try:
         setup.start()
         uri, _ = setup.export("base@latest")
@@ -213,34 +232,44 @@ def main() -> int:
         subprocess.run(["nbdcopy", qemu_uri, "null:"], check=True)  # warm both page caches
         for rep in range(args.reps):
             results["ttfb"].append(time_to_first_byte(setup))
-            for name, u in (("dy", uri), ("qemu", qemu_uri)):
-                results[f"seq_{name}"].append(size / sequential(u) / 1e6)
+            for name, u, pid in (("dy", uri, setup.procs[0].pid), ("qemu", qemu_uri, setup.procs[1].pid)):
+                elapsed, server_cpu, client_cpu = sequential(u, pid)
+                results[f"seq_{name}"].append(size / elapsed / 1e6)
+                results[f"cpu_{name}"].append(server_cpu)
+                results[f"nbdcopy_{name}"].append(client_cpu)
                 results[f"iops_{name}"].append(random_reads(u, args.seconds, rep))
             last = {k: v[-1] for k, v in results.items()}
             log(
-                f"[{rep + 1}/{args.reps}] sequential {last['seq_dy']:.0f} vs {last['seq_qemu']:.0f} MB/s, "
+                f"[{rep + 1}/{args.reps}] sequential {last['seq_dy']:.0f} vs {last['seq_qemu']:.0f} MB/s "
+                f"(server CPU {last['cpu_dy']:.2f} vs {last['cpu_qemu']:.2f} s), "
                 f"random {last['iops_dy']:.0f} vs {last['iops_qemu']:.0f} IOPS, "
                 f"first byte {last['ttfb']:.2f} s"
             )
     finally:
         setup.stop()
+    load_end = os.getloadavg()
     med = {k: statistics.median(v) for k, v in results.items()}
     seq_ratio = med["seq_dy"] / med["seq_qemu"]
     iops_ratio = med["iops_dy"] / med["iops_qemu"]
     gib = size / (1 << 30)
     print(
-        f"\n## Export against qemu-nbd ({gib:.1f} GiB image, median of {args.reps}, {os.cpu_count()} CPUs)\n"
+        f"\n## Export against qemu-nbd ({gib:.1f} GiB image, median of {args.reps}, {os.cpu_count()} CPUs, "
+        f"load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end)\n"
     )
     print("| check | dingyuan | qemu-nbd | ratio | budget | result |")
     print("|---|---|---|---|---|---|")
     print(f"| sequential read (nbdcopy) | {med['seq_dy']:.0f} MB/s | {med['seq_qemu']:.0f} MB/s "
           f"| {seq_ratio:.2f}× | ≥ {SEQ_BUDGET}× "
           f"| {'PASS' if seq_ratio >= SEQ_BUDGET else 'FAIL'} |")  # fmt: skip
+    print(f"| CPU per sequential pass: server / nbdcopy | {med['cpu_dy']:.2f} / {med['nbdcopy_dy']:.2f} s "
+          f"| {med['cpu_qemu']:.2f} / {med['nbdcopy_qemu']:.2f} s "
+          f"| {med['cpu_dy'] / med['cpu_qemu']:.1f}× | — | — |")  # fmt: skip
     print(f"| 4 KiB random read, QD{QUEUE_DEPTH} | {med['iops_dy']:.0f} IOPS | {med['iops_qemu']:.0f} IOPS "
           f"| {iops_ratio:.2f}× | — | — |")  # fmt: skip
     print(f"| export start to first byte, 1 TiB sparse | {med['ttfb']:.2f} s | — | — | ≤ {TTFB_BUDGET} s "
           f"| {'PASS' if med['ttfb'] <= TTFB_BUDGET else 'FAIL'} |")  # fmt: skip
-    (work / "export.json").write_text(json.dumps({"runs": results, "median": med}, indent=2))
+    doc = {"runs": results, "median": med, "load_start": load_start, "load_end": load_end}
+    (work / "export.json").write_text(json.dumps(doc, indent=2))
     print(f"\nJSON: {work / 'export.json'}")
     return 0
 

@@ -12,8 +12,13 @@ lazy:
   drops the GIL -- in a small thread pool. Every byte served has passed that check; a chunk that
   fails it fails the read with ``CorruptObject``, never returns other bytes.
 - **Chunks are cached by id**, in an LRU bounded by bytes: a chunk that occurs at many offsets
-  (dedup) is fetched once. A chunk being fetched has one future that every reader waits on, so
-  concurrent readers (NBD multi-conn) never fetch it twice.
+  (dedup) is fetched once. A chunk being fetched lists the reads waiting for it, so concurrent
+  readers (NBD multi-conn) never fetch it twice; a read (:class:`ChunkRead`) is woken once, when
+  its last chunk arrives -- on two cores a thread switch per chunk cost more than the decode.
+- **Reads need not block.** ``read`` waits in the caller's thread; ``read_soon`` (for an event
+  loop: the NBD server) returns at once with a :class:`ChunkRead` that calls back when its data is
+  at hand, leaving index lookups and decoding to the decoding threads. It declines (None) only a
+  read whose tree node is not cached, the one load it would have to wait for.
 - **Sequential streams read ahead.** Each stream of reads that follow one another gets a window
   that doubles with every read up to ``max_readahead``; the next window is fetched in the
   background. Several streams are tracked at once (nbdcopy gives each connection its own region).
@@ -31,7 +36,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -142,12 +147,31 @@ class TreeIndex:
 
     def ids_range(self, start: int, count: int) -> list[bytes]:
         """Chunk ids of chunks ``[start, start + count)`` (``ZERO_ID`` in holes and past the end)."""
+        return self._ids_range(start, count, self.node)
+
+    def cached_ids_range(self, start: int, count: int) -> list[bytes] | None:
+        """:meth:`ids_range` if every leaf it needs is cached, else None: never loads a node,
+        so it never waits for storage."""
+        try:
+            return self._ids_range(start, count, self._cached_node)
+        except _NotCached:
+            return None
+
+    def _cached_node(self, level: int, k: int) -> list[bytes] | None:
+        with self._lock:
+            if (level, k) not in self._nodes:
+                raise _NotCached
+            return self._nodes.get((level, k))
+
+    def _ids_range(
+        self, start: int, count: int, node: Callable[[int, int], list[bytes] | None]
+    ) -> list[bytes]:
         out: list[bytes] = []
         f = self.fanout
         i, end = start, start + count
         while i < end:
             stop = min(end, (i // f + 1) * f)
-            leaf = self.node(0, i // f) if i < self.nchunks else None
+            leaf = node(0, i // f) if i < self.nchunks else None
             if leaf is None:
                 out.extend([ZERO_ID] * (stop - i))
             else:
@@ -167,6 +191,94 @@ class TreeIndex:
                 return min((k + 1) * span, self.nchunks)
             span //= self.fanout
         return i
+
+
+class _NotCached(Exception):
+    """A tree node that is not in the cache (internal to :meth:`TreeIndex.cached_ids_range`)."""
+
+
+Buffer = bytes | memoryview
+
+
+class ChunkRead:
+    """The chunks one read of a :class:`SnapshotImage` needs: those cached when it started, the
+    others as their fetches finish. A read waits for its chunks with one wake-up, not one per
+    chunk: every wake-up is a thread switch, and on a few cores those cost more than the waits.
+
+    Its state is guarded by the image's lock; the image calls :meth:`_arrive` under it.
+    """
+
+    def __init__(self, image: SnapshotImage, offset: int, length: int, ids: list[bytes]) -> None:
+        self._image = image
+        self.offset = offset
+        self.length = length
+        self._ids = ids
+        self._got: dict[bytes, bytes | BaseException] = {}
+        self._left = 0  # chunks still being fetched
+        self._ready: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Every chunk is at hand (or failed): :meth:`parts` will not wait."""
+        with self._image._lock:
+            return self._left == 0
+
+    def when_ready(self, callback: Callable[[], None]) -> bool:
+        """Have ``callback`` called, from a fetching thread, once every chunk is at hand; False
+        (and no call) if they already are. The callback must be quick and must not raise."""
+        with self._image._lock:
+            if self._left == 0:
+                return False
+            self._ready = callback
+            return True
+
+    def wait(self) -> None:
+        """Block until every chunk is at hand."""
+        event = threading.Event()
+        if self.when_ready(event.set):
+            event.wait()
+
+    def parts(self) -> list[Buffer]:
+        """The range's bytes, as consecutive buffers (views of cached chunks: not copied), once
+        :attr:`done`; raises the error of a chunk that could not be fetched or failed its check."""
+        image, cs, offset, length = self._image, self._image._cs, self.offset, self.length
+        first = offset // cs
+        out: list[Buffer] = []
+        for n, bid in enumerate(self._ids):
+            i = first + n
+            want = min(cs, image.size - i * cs)
+            if bid == ZERO_ID:
+                data = image._zero
+            else:
+                value = self._got[bid]
+                if isinstance(value, BaseException):
+                    raise value
+                data = value
+                if len(data) != want:
+                    raise CorruptObject(
+                        name=f"{image.name} chunk {bid.hex()[:16]}",
+                        detail=f"{len(data)} bytes at chunk {i}, expected {want}",
+                    )
+            lo = offset - i * cs if n == 0 else 0
+            hi = min(want, offset + length - i * cs)
+            out.append(memoryview(data)[lo:hi] if lo or hi != len(data) else data)
+        return out
+
+    def _arrive(self, bid: bytes, value: bytes | BaseException) -> Callable[[], None] | None:
+        """Under the image's lock: a chunk arrived; the callback to call (outside the lock) if
+        it was the last."""
+        self._got[bid] = value
+        self._left -= 1
+        if self._left == 0 and self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
+        return None
+
+
+def _call_all(callbacks: Iterable[Callable[[], None] | None]) -> None:
+    for callback in callbacks:
+        if callback is not None:
+            callback()
 
 
 @dataclass
@@ -207,9 +319,9 @@ class SnapshotImage:
         self._cs = snap.chunk_size
         self._zero = bytes(self._cs)
         self._max_window = max(1, max_readahead // self._cs)
-        self._lock = threading.Lock()  # guards the chunk cache, in-flight futures and streams
+        self._lock = threading.Lock()  # guards the chunk cache, in-flight chunks, reads and streams
         self._chunks: _Lru[bytes, bytes] = _Lru(cache_bytes, len)
-        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._inflight: dict[bytes, list[ChunkRead]] = {}  # chunks being fetched: who waits
         self._streams: list[_Stream] = []
         self._tick = 0
         self._sync_lock = threading.Lock()
@@ -237,25 +349,27 @@ class SnapshotImage:
         first, last = offset // cs, (offset + length - 1) // cs + 1
         ids = self.tree.ids_range(first, last - first)
         self._read_ahead(first, last)
-        got = self._request(b for b in ids if b != ZERO_ID)
-        parts: list[bytes | memoryview] = []
-        for n, bid in enumerate(ids):
-            i = first + n
-            want = min(cs, self.size - i * cs)
-            if bid == ZERO_ID:
-                data: bytes = self._zero
-            else:
-                value = got[bid]
-                data = value if isinstance(value, bytes) else value.result()
-                if len(data) != want:
-                    raise CorruptObject(
-                        name=f"{self.name} chunk {bid.hex()[:16]}",
-                        detail=f"{len(data)} bytes at chunk {i}, expected {want}",
-                    )
-            lo = offset - i * cs if n == 0 else 0
-            hi = min(want, offset + length - i * cs)
-            parts.append(memoryview(data)[lo:hi] if lo or hi != len(data) else data)
-        return b"".join(parts)
+        pending = ChunkRead(self, offset, length, ids)
+        self._request(ids, pending)
+        pending.wait()
+        parts = pending.parts()
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    def read_soon(self, offset: int, length: int) -> ChunkRead | None:
+        """Start a read without blocking, for callers on an event loop: the :class:`ChunkRead` of
+        the range if every tree node it needs is cached (chunks not yet cached or being fetched
+        are looked up and fetched by a decoding thread); else None, and the caller should
+        :meth:`read` in a thread (a tree node load would block)."""
+        self._check(offset, length)
+        cs = self._cs
+        first, last = offset // cs, (offset + length - 1) // cs + 1
+        ids = self.tree.cached_ids_range(first, last - first)
+        if ids is None:
+            return None
+        pending = ChunkRead(self, offset, length, ids)
+        self._request(ids, pending, background=True)
+        self._read_ahead(first, last)
+        return pending
 
     def write(self, offset: int, data: bytes) -> None:
         self._refuse()
@@ -320,10 +434,8 @@ class SnapshotImage:
         self._planner.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            stranded, self._inflight = self._inflight, {}
-        for fut in stranded.values():
-            if not fut.done():
-                fut.set_exception(ExportError(f"{self.name} was closed"))
+            stranded = list(self._inflight)
+        self._publish([(bid, ExportError(f"{self.name} was closed")) for bid in stranded])
 
     def __enter__(self) -> SnapshotImage:
         return self
@@ -362,37 +474,52 @@ class SnapshotImage:
         return locs
 
     # fetching chunks -------------------------------------------------------------------------
-    def _request(self, ids: Iterable[bytes]) -> dict[bytes, bytes | Future[bytes]]:
-        """Each chunk's bytes if cached, else the future of its fetch (started here if none is
-        in flight)."""
-        out: dict[bytes, bytes | Future[bytes]] = {}
+    def _request(self, ids: Iterable[bytes], reader: ChunkRead | None, *, background: bool = False) -> None:
+        """Give ``reader`` each chunk that is cached and register it with those being fetched;
+        start fetching the others -- with ``background``, from their lookup on, in a decoding
+        thread, so that the caller never waits (and a lone run is decoded by the thread that
+        looked it up: one thread switch less for a random read)."""
         new: list[bytes] = []
         with self._lock:
-            for bid in ids:
-                if bid in out:
-                    continue
+            wanted = dict.fromkeys(b for b in ids if b != ZERO_ID)
+            for bid in wanted:
                 data = self._chunks.get(bid)
                 if data is not None:
-                    out[bid] = data
+                    if reader is not None:
+                        reader._got[bid] = data
                     continue
-                fut = self._inflight.get(bid)
-                if fut is None:
-                    fut = self._inflight[bid] = Future()
+                waiting = self._inflight.get(bid)
+                if waiting is None:
+                    waiting = self._inflight[bid] = []
                     new.append(bid)
-                out[bid] = fut
-        if new:
-            self._fetch(new, self._index_generation)
-        return out
+                if reader is not None:
+                    waiting.append(reader)
+                    reader._left += 1
+            seen = self._index_generation
+        if not new:
+            return
+        if not background:
+            self._fetch(new, seen)
+            return
+        try:
+            self._pool.submit(self._fetch, new, seen, inline=True)
+        except RuntimeError:  # closed meanwhile
+            self._publish([(bid, ExportError(f"{self.name} is closed")) for bid in new])
 
-    def _fetch(self, ids: list[bytes], seen: int) -> None:
-        """Start fetching ``ids`` (futures in flight): one lookup, runs of neighbouring blobs."""
+    def _fetch(self, ids: list[bytes], seen: int, *, inline: bool = False) -> None:
+        """Fetch ``ids`` (registered in flight): one lookup, then runs of neighbouring blobs,
+        each decoded by a worker -- the last one by this thread if ``inline`` (it is a worker)."""
         try:
             locs = self._locate(ids, seen)
             for bid in ids:
                 if bid not in locs:
                     self._fail(bid, MissingObject(name=f"chunk {bid.hex()}", detail="not in any index"))
-            for run in plan_runs(locs, {b: [] for b in locs}):
+            runs = plan_runs(locs, {b: [] for b in locs})
+            last = runs.pop() if inline and runs else None
+            for run in runs:
                 self._pool.submit(self._fetch_run, run, seen)
+            if last is not None:
+                self._fetch_run(last, seen)
         except BaseException as e:  # a closed pool, a failed lookup: every waiter gets it
             err = e if isinstance(e, RepositoryError) else ExportError(f"{self.name}: {e}")
             for bid in ids:
@@ -423,31 +550,31 @@ class SnapshotImage:
                 self._fail(entry.id, e)
             return
         mv = memoryview(stored)
-        done: list[tuple[bytes, bytes]] = []
+        done: list[tuple[bytes, bytes | BaseException]] = []
         for entry, _ in blobs:
+            plain: bytes | BaseException
             try:
                 plain = self.repo.decode_blob(
                     entry, mv[entry.offset - start : entry.offset - start + entry.length], name
                 )
             except BaseException as e:
-                self._fail(entry.id, e)
-                continue
+                plain = e
             done.append((entry.id, plain))
-        # Published together: a reader waiting for several chunks of the run wakes up once
-        # (every wake-up is a thread switch, which costs more than the short wait).
+        self._publish(done)
+
+    def _publish(self, done: list[tuple[bytes, bytes | BaseException]]) -> None:
+        """Cache the decoded chunks and hand them (or their errors) to the reads waiting for
+        them, all under one hold of the lock; a read whose last chunk this was is woken after."""
+        ready = []
         with self._lock:
-            for bid, plain in done:
-                self._chunks.put(bid, plain)
-            futs = [(self._inflight.pop(bid, None), plain) for bid, plain in done]
-        for fut, plain in futs:
-            if fut is not None:
-                fut.set_result(plain)
+            for bid, value in done:
+                if isinstance(value, bytes):
+                    self._chunks.put(bid, value)
+                ready += [r._arrive(bid, value) for r in self._inflight.pop(bid, ())]
+        _call_all(ready)
 
     def _fail(self, bid: bytes, err: BaseException) -> None:
-        with self._lock:
-            fut = self._inflight.pop(bid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(err)
+        self._publish([(bid, err)])
 
     # read-ahead ------------------------------------------------------------------------------
     def _read_ahead(self, first: int, last: int) -> None:
@@ -476,7 +603,7 @@ class SnapshotImage:
 
     def _prefetch(self, first: int, last: int) -> None:
         def plan() -> None:
-            self._request(b for b in self.tree.ids_range(first, last - first) if b != ZERO_ID)
+            self._request(self.tree.ids_range(first, last - first), None)
 
         with contextlib.suppress(RuntimeError):  # closed meanwhile: a hint, nothing lost
             self._planner.submit(plan)

@@ -1,0 +1,136 @@
+"""SnapshotImage.read_soon: the non-blocking read an event loop (the NBD server) relies on.
+
+What the server relies on: read_soon never blocks (it declines, with None, a read that would
+need a tree node load, and leaves index lookups and fetches to the decoding threads); a read it
+starts calls back once, when the last of its chunks arrives, and then gives exactly the
+snapshot's bytes; a chunk that fails its check fails that read with CorruptObject, never
+returns other bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+from support import new_repo, write_sparse
+
+from dingyuan.errors import CorruptObject
+from dingyuan.repository.backends.memory import MemoryBackend
+from dingyuan.repository.backup import backup
+from dingyuan.repository.format import pack_name
+from dingyuan.repository.image import SnapshotImage
+from dingyuan.repository.manifest import Snapshot
+from dingyuan.repository.repo import Repository
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 64 * KiB
+
+
+class GatedBackend(MemoryBackend):
+    """Pack reads wait until ``gate`` is set: fetches stay in flight as long as a test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Semaphore(0)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        if name.startswith("packs/") and not self.gate.is_set():
+            self.waiting.release()
+            assert self.gate.wait(10)
+        return super().get_range(name, offset, length)
+
+
+def _snapshot(repo: Repository, tmp_path: Path, data: bytes) -> Snapshot:
+    write_sparse(tmp_path / "src", len(data), [(0, data)])
+    snap = backup(repo, str(tmp_path / "src"), "vol", host="h").snapshot
+    assert snap.chunk_size == CHUNK
+    return snap
+
+
+def test_read_soon_declines_a_tree_load_and_serves_cached_and_new_chunks(
+    repo: Repository, tmp_path: Path
+) -> None:
+    data = random.Random(1).randbytes(MiB) + bytes(MiB)  # a hole at the end
+    snap = _snapshot(repo, tmp_path, data)
+    with SnapshotImage(repo, snap) as img:
+        assert img.read_soon(0, 4 * KiB) is None, "nothing cached yet: it would load the tree"
+        assert img.read(0, 256 * KiB) == data[: 256 * KiB]
+        pending = img.read_soon(1000, 200 * KiB)
+        assert pending is not None and pending.done
+        assert not pending.when_ready(lambda: pytest.fail("called back for a read that was done"))
+        assert b"".join(pending.parts()) == data[1000 : 1000 + 200 * KiB]
+        hole = img.read_soon(MiB + 5, 100 * KiB)  # chunks of a hole need no fetch
+        assert hole is not None and b"".join(hole.parts()) == bytes(100 * KiB)
+        fresh = img.read_soon(600 * KiB, 300 * KiB)  # neither cached nor being fetched
+        assert fresh is not None
+        arrived = threading.Event()
+        if fresh.when_ready(arrived.set):
+            assert arrived.wait(10)
+        assert b"".join(fresh.parts()) == data[600 * KiB : 900 * KiB]
+
+
+def test_a_read_of_chunks_in_flight_is_called_back_once_with_the_bytes(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    repo = new_repo(backend, tmp_path / "cache")
+    try:
+        data = random.Random(2).randbytes(MiB)
+        snap = _snapshot(repo, tmp_path, data)
+        with SnapshotImage(repo, snap) as img:
+            assert img.read(0, 1) == data[:1]  # loads the tree
+            backend.gate.clear()
+            img.cache(CHUNK, 8 * CHUNK)  # a prefetch, held in flight by the gate
+            assert backend.waiting.acquire(timeout=10)
+            pending = img.read_soon(CHUNK + 10, 5 * CHUNK)
+            assert pending is not None and not pending.done
+            calls: list[str] = []
+            called = threading.Event()
+
+            def ready() -> None:
+                calls.append(threading.current_thread().name)
+                called.set()
+
+            assert pending.when_ready(ready)
+            backend.gate.set()
+            assert called.wait(10)
+            assert pending.done
+            assert len(calls) == 1 and calls[0] != threading.current_thread().name, "not called back once"
+            assert b"".join(pending.parts()) == data[CHUNK + 10 : 6 * CHUNK + 10]
+    finally:
+        repo.close()
+
+
+def test_a_corrupt_chunk_fails_the_read_it_belongs_to(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    repo = new_repo(backend, tmp_path / "cache")
+    try:
+        data = random.Random(3).randbytes(8 * CHUNK)
+        snap = _snapshot(repo, tmp_path, data)
+        with SnapshotImage(repo, snap) as img:
+            bid = img.tree.ids_range(3, 1)[0]
+        loc = repo.locate(bid)
+        name = pack_name(loc.pack)
+        raw = bytearray(backend.objects[name])
+        raw[loc.entry.offset + loc.entry.length // 2] ^= 0x01
+        backend.objects[name] = bytes(raw)
+        with SnapshotImage(repo, snap) as img:
+            assert img.read(0, CHUNK) == data[:CHUNK]
+            backend.gate.clear()
+            img.cache(CHUNK, 7 * CHUNK)
+            assert backend.waiting.acquire(timeout=10)
+            bad = img.read_soon(2 * CHUNK, 2 * CHUNK)  # chunks 2 and 3
+            good = img.read_soon(5 * CHUNK, CHUNK)
+            assert bad is not None and good is not None
+            done = threading.Semaphore(0)
+            for pending in (bad, good):
+                assert pending.when_ready(done.release)
+            backend.gate.set()
+            assert done.acquire(timeout=10) and done.acquire(timeout=10)
+            with pytest.raises(CorruptObject):
+                bad.parts()
+            assert b"".join(good.parts()) == data[5 * CHUNK : 6 * CHUNK]
+    finally:
+        repo.close()
