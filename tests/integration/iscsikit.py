@@ -68,6 +68,7 @@ class Initiator:
         self.cmd_sn = 1
         self.exp_stat_sn = 0
         self.max_recv = 262144
+        self.header_digest = self.data_digest = False  # until the login says otherwise
         self._itt = 0
         self.answer_pings = answer_pings
         self.negotiated: dict[str, str] = {}
@@ -93,7 +94,7 @@ class Initiator:
         return self._itt
 
     def send(self, pdu: Pdu) -> None:
-        self.sock.sendall(p.build_pdu(pdu))
+        self.sock.sendall(p.build_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
 
     def recv(self) -> Pdu:
         """The next PDU; the target's pings (NOP-In asking for a NOP-Out) are answered on the way
@@ -114,8 +115,9 @@ class Initiator:
     def _recv(self) -> Pdu:
         header = self._exact(p.BHS_SIZE)
         bhs = p.parse_bhs(header)
-        rest = self._exact(p.remaining_length(bhs, header_digest=False, data_digest=False))
-        pdu = p.parse_pdu(header + rest)
+        digests = {"header_digest": self.header_digest, "data_digest": self.data_digest}
+        rest = self._exact(p.remaining_length(bhs, **digests))
+        pdu = p.parse_pdu(header + rest, **digests)  # digests checked
         if pdu.bhs.opcode in (
             p.OP_SCSI_RESPONSE,
             p.OP_NOP_IN,
@@ -171,14 +173,14 @@ class Initiator:
             first.append(("AuthMethod", "None"))
             self._login_step(first, csg=0, nsg=1, transit=True)
             first = []
-        ops = [
-            ("HeaderDigest", "None"),
-            ("DataDigest", "None"),
-            ("MaxRecvDataSegmentLength", str(self.max_recv)),
-        ]
+        ops = {"HeaderDigest": "None", "DataDigest": "None", "MaxRecvDataSegmentLength": str(self.max_recv)}
         if target is not None:
-            ops += [("InitialR2T", "No"), ("ImmediateData", "Yes"), ("MaxConnections", "4")]
-        self.negotiated.update(self._login_step(first + ops + keys, csg=1, nsg=3, transit=True))
+            ops.update(InitialR2T="No", ImmediateData="Yes", MaxConnections="4")
+        ops.update(keys)  # the caller's offers replace these
+        self.max_recv = int(ops["MaxRecvDataSegmentLength"])
+        self.negotiated.update(self._login_step(first + list(ops.items()), csg=1, nsg=3, transit=True))
+        self.header_digest = self.negotiated.get("HeaderDigest") == "CRC32C"
+        self.data_digest = self.negotiated.get("DataDigest") == "CRC32C"
 
     def _login_step(
         self, pairs: list[tuple[str, str]], *, csg: int, nsg: int, transit: bool

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from iscsikit import Initiator, LoginFailed
@@ -21,6 +23,9 @@ from dingyuan.exports.iscsi import pdu as p
 from dingyuan.exports.iscsi.chap import Credentials
 from dingyuan.exports.iscsi.pdu import Bhs, Pdu
 from dingyuan.exports.iscsi.server import ThreadedIscsiServer
+from dingyuan.repository.backup import backup
+from dingyuan.repository.image import SnapshotImage
+from dingyuan.repository.repo import Repository
 
 MiB = 1 << 20
 RW = "iqn.2026-11.org.dingyuan.test:rw"
@@ -91,7 +96,7 @@ def test_mutual_chap_proves_the_target(server: ThreadedIscsiServer) -> None:
         ini = sock_initiator
         ini.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         ini.isid, ini.tsih, ini.cid, ini.cmd_sn, ini.exp_stat_sn = b"\x80\0\0\0\0\1", 0, 0, 1, 0
-        ini.answer_pings = False
+        ini.answer_pings = ini.header_digest = ini.data_digest = False
         first = [
             ("InitiatorName", "iqn.2026-11.org.dingyuan.test:m"),
             ("SessionType", "Normal"),
@@ -275,3 +280,44 @@ def test_a_silent_initiator_is_pinged_and_dropped_if_it_does_not_answer(image: P
         while server.sessions() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.sessions() == []
+
+
+def test_a_snapshot_image_is_read_without_a_thread_and_exactly(repo: Repository, tmp_path: Path) -> None:
+    """Plain READs of a snapshot go to its non-blocking read (decoding threads fetch, the event
+    loop waits); their Data-In, split at PDU and chunk boundaries alike and checked with data
+    digests, is the snapshot's bytes. Anything else (a bad range) still gets its sense data."""
+    rng = random.Random(5)
+    source = tmp_path / "disk.img"
+    with open(source, "wb") as f:
+        f.truncate(6 * MiB)
+        for _ in range(12):
+            f.seek(rng.randrange(0, 5 * MiB))
+            f.write(rng.randbytes(rng.randrange(1, 300 << 10)))
+    expected = source.read_bytes()
+    snapshot = backup(repo, str(source), "disk", host="h1", chunk_size=64 << 10).snapshot
+    with SnapshotImage(repo, snapshot) as image, ThreadedIscsiServer(host="127.0.0.1", port=0) as server:
+        soon, plain = image.read_soon, image.read
+        calls = {"soon": 0, "read": 0}
+
+        def counted_soon(offset: int, length: int) -> Any:
+            calls["soon"] += 1
+            return soon(offset, length)
+
+        def counted_read(offset: int, length: int) -> bytes:
+            calls["read"] += 1
+            return plain(offset, length)
+
+        image.read_soon, image.read = counted_soon, counted_read  # type: ignore[method-assign]
+        server.add(RO, image)
+        keys = [("DataDigest", "CRC32C"), ("HeaderDigest", "CRC32C"), ("MaxRecvDataSegmentLength", "12000")]
+        with Initiator(server.port, RO, keys=keys) as ini:
+            assert ini.data_digest and ini.header_digest
+            lba = 0
+            while lba < len(expected) // 512:
+                blocks = min(rng.choice([1, 7, 128, 300, 2048]), len(expected) // 512 - lba)
+                result = ini.read(lba, blocks)
+                assert result.status == 0 and result.data == expected[lba * 512 : (lba + blocks) * 512]
+                lba += blocks
+            beyond = ini.read(len(expected) // 512, 1)
+            assert beyond.status == 0x02 and beyond.asc == (0x21, 0x00)
+    assert calls["soon"] > 20 and calls["read"] <= 2  # the first read may open the tree in a thread

@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from dingyuan.errors import ReadOnlyDevice, StorageError, StorageFull, StorageIOError, UsageError
 
@@ -62,6 +62,32 @@ class BlockDevice(Protocol):
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]: ...
 
     def close(self) -> None: ...
+
+
+Buffer = bytes | memoryview
+
+
+class PendingRead(Protocol):
+    """A read a device started without blocking (see :class:`SoonReadable`)."""
+
+    def when_ready(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` from any thread once the data is at hand; False if it already is."""
+        ...
+
+    def parts(self) -> list[Buffer]:
+        """The bytes read, as consecutive buffers; raises the read's error."""
+        ...
+
+
+@runtime_checkable
+class SoonReadable(Protocol):
+    """What a device may offer beyond :class:`BlockDevice` so that reads are served on the event
+    loop: ``read_soon`` returns at once, either a :class:`PendingRead` or None when the read
+    would block in ways it cannot wait for (then ``read`` runs in the thread pool). A snapshot
+    image offers it: its sequential reads are mostly cached, or being fetched by read-ahead, and
+    a thread hop per request costs more than the read itself."""
+
+    def read_soon(self, offset: int, length: int) -> PendingRead | None: ...
 
 
 #: what a server is given to export: a device, or a factory that opens one at first use

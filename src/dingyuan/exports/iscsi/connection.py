@@ -24,11 +24,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from dingyuan.errors import DingyuanError
+from dingyuan.exports.blockdev import Buffer, SoonReadable
 from dingyuan.exports.iscsi import pdu as p
 from dingyuan.exports.iscsi.pdu import Bhs, Pdu, ProtocolViolation
 from dingyuan.exports.iscsi.session import SN_MASK, Session
 from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, SessionParams, build_text, parse_text
-from dingyuan.exports.scsi import Response
+from dingyuan.exports.scsi import Response, ScsiTarget
 from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
 
 if TYPE_CHECKING:
@@ -320,8 +322,9 @@ class Connection:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _send(self, bhs: Bhs, data: bytes | memoryview = b"", *, status: bool) -> None:
-        """Write one PDU; ``status`` PDUs take the next StatSN, the others carry it unchanged."""
+    def _send(self, bhs: Bhs, *parts: Buffer, status: bool) -> None:
+        """Write one PDU whose data segment is ``parts`` (written as they are, not joined);
+        ``status`` PDUs take the next StatSN, the others carry it unchanged."""
         tail = bytearray(bhs.tail)
         struct.pack_into(
             ">III",
@@ -333,20 +336,22 @@ class Connection:
         )
         if status:
             self._stat_sn = (self._stat_sn + 1) & SN_MASK
+        length = sum(len(part) for part in parts)
         header = p.build_header(
-            _with_tail(bhs, bytes(tail)), data_length=len(data), header_digest=self._header_digest
+            _with_tail(bhs, bytes(tail)), data_length=length, header_digest=self._header_digest
         )
         if self._writer.is_closing():
             return
         self._writer.write(header)
-        if len(data) == 0:
+        if length == 0:
             return
-        self._writer.write(data)
-        pad = p.padding(len(data))
+        for part in parts:
+            self._writer.write(part)
+        pad = p.padding(length)
         if pad:
             self._writer.write(pad)
         if self._data_digest:
-            self._writer.write(p.digest(bytes(data) + pad))
+            self._writer.write(p.digest_of([*parts, pad]))
 
     def _reject(self, rejected: Pdu | bytes, reason: int) -> None:
         header = rejected if isinstance(rejected, bytes) else p.build_pdu(rejected)[: p.BHS_SIZE]
@@ -409,9 +414,7 @@ class Connection:
         if task.expected_length > MAX_WRITE:
             # too large to buffer: refuse without taking its data (Data-Out for it is dropped)
             self._forget(task)
-            self._respond(
-                task, Response(status=STATUS_CHECK_CONDITION, sense=_SENSE_INVALID_FIELD_IN_CDB), 0, 0
-            )
+            self._respond(task, Response(status=STATUS_CHECK_CONDITION, sense=_SENSE_INVALID_FIELD_IN_CDB), 0)
             return
         params = self.session.params
         if len(pdu.data) > min(task.expected_length, params.first_burst_length) or (
@@ -525,14 +528,18 @@ class Connection:
             scsi = target.opened
             if scsi is None:
                 scsi = await loop.run_in_executor(self._executor, target.scsi)
-            response = await loop.run_in_executor(
-                self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
-            )
+            parts = await self._read_soon(scsi, task) if task.reads and not task.writes else None
+            if parts is not None:  # a plain READ, read from the device's cache on the loop
+                response = Response(status=STATUS_GOOD)
+            else:
+                response = await loop.run_in_executor(
+                    self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
+                )
             self._free(task)
             if task.aborted or self._closing:
                 return
             self._forget(task)
-            self._respond(task, response, read_length, len(response.data))
+            self._respond(task, response, read_length, parts)
             await self._drain()
         except Exception:
             log.exception("%s: command %s failed in the target", self.peer_text, task.cdb[:1].hex())
@@ -541,9 +548,41 @@ class Connection:
             self._free(task)
             self._read_budget.release(held)
 
-    def _respond(self, task: Task, response: Response, read_length: int, produced: int) -> None:
-        """Data-In (cut to the expected length) and the status, with residual counts."""
-        data = memoryview(response.data)[:read_length]
+    async def _read_soon(self, scsi: ScsiTarget, task: Task) -> list[Buffer] | None:
+        """The data of a plain, valid READ from a device that reads without blocking (a snapshot
+        image: its decoding threads fetch, the event loop waits without a thread of its own);
+        None when the command is anything else, the device declines or the read fails (then
+        :meth:`ScsiTarget.execute` runs it in a thread, and reports an error as sense data)."""
+        planned = scsi.plan_read(task.lun, task.cdb, self.session.nexus)
+        if planned is None:
+            return None
+        device, offset, length = planned
+        if not isinstance(device, SoonReadable):
+            return None
+        pending = device.read_soon(offset, length)
+        if pending is None:
+            return None
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:  # from a decoding thread
+            loop.call_soon_threadsafe(_settle, ready)
+
+        if pending.when_ready(wake):
+            await ready
+        try:
+            return pending.parts()
+        except DingyuanError:
+            return None
+
+    def _respond(
+        self, task: Task, response: Response, read_length: int, parts: list[Buffer] | None = None
+    ) -> None:
+        """Data-In (``parts``, else the response's data, cut to the expected length) and the
+        status, with residual counts."""
+        if parts is None:
+            parts = [response.data] if response.data else []
+        produced = sum(len(part) for part in parts)
         if task.reads:
             residual = produced - read_length
         elif task.writes:
@@ -558,7 +597,7 @@ class Connection:
         residual = min(abs(residual), 0xFFFFFFFF)  # a hostile CDB can ask for more than 4 GiB
         if task.writes and response.data_out_length == 0 and task.expected_length == 0:
             flags, residual = 0, 0
-        data_sn = self._data_in(task, data, response, flags, residual)
+        data_sn = self._data_in(task, _cut(parts, read_length), response, flags, residual)
         if data_sn is None:
             return  # the status went with the last Data-In
         sense = response.sense
@@ -575,12 +614,13 @@ class Connection:
         self.bytes_written += task.expected_length
 
     def _data_in(
-        self, task: Task, data: memoryview, response: Response, flags: int, residual: int
+        self, task: Task, parts: list[Buffer], response: Response, flags: int, residual: int
     ) -> int | None:
-        """Send ``data`` as Data-In PDUs; return the next DataSN, or None when the status went
+        """Send ``parts`` as Data-In PDUs; return the next DataSN, or None when the status went
         with the last PDU (only GOOD without sense may)."""
         data_sn = 0
-        total = len(data)
+        total = sum(len(part) for part in parts)
+        cursor = _Cursor(parts)
         if total == 0:
             return task.r2t_sn
         collapse = response.status == STATUS_GOOD and not response.sense
@@ -610,7 +650,7 @@ class Connection:
                 itt=task.itt,
                 tail=p.build_tail(words),
             )
-            self._send(bhs, data[offset:end], status=status)
+            self._send(bhs, *cursor.take(length), status=status)
             offset = end
             data_sn += 1
         self.bytes_read += total
@@ -775,6 +815,48 @@ class Connection:
                 self._writer.close()
             else:
                 connection.hang_up()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _cut(parts: list[Buffer], limit: int) -> list[Buffer]:
+    """The first ``limit`` bytes of ``parts`` (views, not copies)."""
+    out: list[Buffer] = []
+    for part in parts:
+        if limit <= 0:
+            break
+        out.append(part if len(part) <= limit else memoryview(part)[:limit])
+        limit -= len(part)
+    return out
+
+
+class _Cursor:
+    """Takes consecutive runs of bytes from a list of buffers, as views."""
+
+    def __init__(self, parts: list[Buffer]) -> None:
+        self._parts = parts
+        self._index = 0
+        self._offset = 0  # into the current part
+
+    def take(self, n: int) -> list[Buffer]:
+        out: list[Buffer] = []
+        while n > 0:
+            part = self._parts[self._index]
+            available = len(part) - self._offset
+            if self._offset == 0 and available <= n:
+                out.append(part)
+            else:
+                out.append(memoryview(part)[self._offset : self._offset + min(n, available)])
+            used = min(n, available)
+            n -= used
+            self._offset += used
+            if self._offset == len(part):
+                self._index += 1
+                self._offset = 0
+        return out
 
 
 def _with_tail(bhs: Bhs, tail: bytes) -> Bhs:

@@ -214,6 +214,14 @@ def crc32c(data: bytes) -> int:
     return value
 
 
+def digest_of(parts: Sequence[bytes | memoryview]) -> bytes:
+    """:func:`digest` of the concatenation of ``parts``, without joining them."""
+    crc = 0
+    for part in parts:  # the C function takes bytes only: a view is copied (digests are rare)
+        crc = google_crc32c.extend(crc, part if isinstance(part, bytes) else bytes(part))
+    return int(crc).to_bytes(4, "little")
+
+
 def digest(data: bytes) -> bytes:
     """The 4 digest bytes of ``data`` as sent on the wire (least significant byte first)."""
     return crc32c(data).to_bytes(4, "little")

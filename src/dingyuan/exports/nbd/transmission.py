@@ -36,10 +36,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from dingyuan.errors import DingyuanError, ReadOnlyDevice, StorageFull, UsageError
-from dingyuan.exports.blockdev import BlockDevice
+from dingyuan.exports.blockdev import BlockDevice, Buffer, SoonReadable
 from dingyuan.exports.nbd import wire
 
 log = logging.getLogger("dingyuan.nbd")
@@ -71,32 +71,6 @@ def transmission_flags(read_only: bool, structured: bool) -> int:
         | wire.FLAG_SEND_WRITE_ZEROES
         | wire.FLAG_SEND_FAST_ZERO
     )
-
-
-Buffer = bytes | memoryview
-
-
-class PendingRead(Protocol):
-    """A read a device started without blocking (see :class:`SoonReadable`)."""
-
-    def when_ready(self, callback: Callable[[], None]) -> bool:
-        """Call ``callback`` from any thread once the data is at hand; False if it already is."""
-        ...
-
-    def parts(self) -> list[Buffer]:
-        """The bytes read, as consecutive buffers; raises the read's error."""
-        ...
-
-
-@runtime_checkable
-class SoonReadable(Protocol):
-    """What a device may offer beyond :class:`BlockDevice` so that reads are served on the event
-    loop: ``read_soon`` returns at once, either a :class:`PendingRead` or None when the read
-    would block in ways it cannot wait for (then ``read`` runs in the thread pool). A snapshot
-    image offers it: its sequential reads are mostly cached, or being fetched by read-ahead, and
-    a thread hop per request costs more than the read itself."""
-
-    def read_soon(self, offset: int, length: int) -> PendingRead | None: ...
 
 
 @dataclass

@@ -121,6 +121,20 @@ def _six(cdb: bytes) -> tuple[int, int]:
     return be(cdb, 1, 3) & 0x1FFFFF, cdb[4] or 256
 
 
+def plan_read(lu: LogicalUnit, cdb: bytes) -> tuple[int, int] | None:
+    """The byte range a READ(10) or READ(16) reads, if it would succeed (no protection bits, in
+    range, within the transfer limit, not empty); else None. Reads nothing."""
+    if cdb[0] == 0x28 and len(cdb) >= 10:
+        flags, lba, count = _RW10.unpack_from(cdb)
+    elif cdb[0] == 0x88 and len(cdb) >= 16:
+        flags, lba, count = _RW16.unpack_from(cdb)
+    else:
+        return None
+    if flags & _PROTECT or not 0 < count <= MAX_TRANSFER or lba + count > lu.disk.blocks:
+        return None
+    return lba << BLOCK_SHIFT, count << BLOCK_SHIFT
+
+
 def read6(lu: LogicalUnit, req: Request) -> bytes:
     lba, count = _six(req.cdb)
     return _read(lu, lba, count, 0, 4)

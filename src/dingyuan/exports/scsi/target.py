@@ -183,6 +183,22 @@ class LogicalUnit:
 
     # -- dispatch ---------------------------------------------------------------------------------
 
+    def plan_read(self, cdb: bytes, nexus: Nexus) -> tuple[int, int] | None:
+        """For a READ(10) or READ(16) that :meth:`execute` would answer GOOD with the device's
+        bytes and nothing else (no unit attention pending, no reservation in force, a valid CDB):
+        the byte range to read, so that a transport can read it its own way (without a thread,
+        from a device's cache). None for anything else: run :meth:`execute`."""
+        if self._attentions or self.reservations.active or nexus not in self._nexuses:
+            return None
+        command = _lookup(cdb)
+        if command is None or len(cdb) < len(command.usage):
+            return None
+        try:
+            command.check_cdb(cdb)
+        except CheckCondition:
+            return None
+        return sbc.plan_read(self, cdb)
+
     def execute(self, cdb: bytes, data_out: bytes, nexus: Nexus, luns: tuple[int, ...]) -> Response:
         if nexus not in self._nexuses:
             with self._lock:
@@ -273,6 +289,12 @@ class ScsiTarget:
                 raise UsageError(f"LUN {lun} is outside 0..{spc.MAX_LUN}")
         self._luns = dict(luns)
         self._numbers = tuple(sorted(self._luns))
+
+    def plan_read(self, lun: int, cdb: bytes, nexus: Nexus) -> tuple[BlockDevice, int, int] | None:
+        """The device and byte range of a plain, valid READ (see :meth:`LogicalUnit.plan_read`)."""
+        unit = self._luns.get(lun)
+        planned = None if unit is None else unit.plan_read(cdb, nexus)
+        return None if planned is None or unit is None else (unit.device, *planned)
 
     def execute(self, lun: int, cdb: bytes, data_out: bytes, nexus: Nexus) -> Response:
         unit = self._luns.get(lun)
