@@ -179,3 +179,28 @@ def differing_chunks(
     while pending:
         end, compared, fut = pending.popleft()
         yield end, compared, *fut.result()
+
+
+def changed_pages(fd: int, target: str, pieces: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The parts of the snapshot's chunks ``pieces`` (target offset, bytes) whose pages differ
+    from what the target holds there: what a delta restore must write. Damage is mostly a few
+    pages of a chunk, and every page written costs a copy into the page cache now and a disk
+    write at the flush; reading the chunk back from the page cache costs less."""
+    out: list[tuple[int, bytes]] = []
+    for off, data in pieces:
+        try:
+            have = os.pread(fd, len(data), off)
+        except OSError as e:
+            raise RestoreTargetError(target=target, detail=f"reading offset {off}: {e.strerror}") from None
+        if len(have) != len(data):
+            raise RestoreTargetError(target=target, detail=f"short read at offset {off}")
+        start: int | None = None  # of the current run of differing pages
+        for q in range(0, len(data), PAGE):
+            if data[q : q + PAGE] != have[q : q + PAGE]:
+                start = q if start is None else start
+            elif start is not None:
+                out.append((off + start, data[start:q]))
+                start = None
+        if start is not None:
+            out.append((off + start, data[start:]))
+    return out

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import CorruptObject, MissingObject, ObjectNotFound, RestoreTargetError
 from .cache import Location
-from .delta import WindowDiff, differing_chunks
+from .delta import WindowDiff, changed_pages, differing_chunks
 from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
 from .repo import Repository
@@ -269,7 +269,8 @@ def restore_delta(
         wanted: dict[bytes, list[int]] = defaultdict(list)
         for index, bid in diff.fetch:
             wanted[bid].append(index * cs)
-        return pipe.fetch_all(wanted)
+        pieces, nbytes, nblobs = pipe.fetch_all(wanted)
+        return changed_pages(fd, target, pieces), nbytes, nblobs
 
     for end, compared, diff, fetched in differing_chunks(repo, snap, fd, target, first, pool, fetch):
         stats.chunks_compared += compared
