@@ -1,7 +1,10 @@
 """Compare a restore target with a snapshot, chunk by chunk, at the speed of reading it.
 
-The target is compared in windows of ``SCAN_BYTES`` (chunk-aligned) by worker threads; a few
-windows are in flight while the caller fetches and writes what differs. A worker reads a
+The target is compared in windows of ``SCAN_BYTES`` (chunk-aligned) by worker threads, a few
+windows in flight; the worker that compared a window hands what differs straight to the caller's
+``then`` (a restore fetches the window's chunks there), and the caller takes the results in
+order. So comparing, fetching and writing overlap without a round trip through the main thread
+per window. A worker reads a
 window's runs of data in pieces of ``READ_BYTES`` into one small buffer of its own, so that the
 bytes are still in the core's cache when they are hashed: reading a whole window at once and then
 hashing it costs a third more CPU, as every byte travels to memory and back. Each chunk is
@@ -38,7 +41,7 @@ from .repo import Repository
 SCAN_BYTES = 8 << 20  # bytes per window, compared by one worker
 READ_BYTES = 1 << 20  # bytes per read: small enough to stay in the core's cache until hashed
 LOOKAHEAD = 3  # windows being compared while the caller writes
-PAGE = 4096  # unit of the zeroing of a chunk the snapshot has as a hole
+PAGE = 4096  # unit in which a differing chunk is zeroed or written
 _ZERO_PAGE = bytes(PAGE)
 
 Span = tuple[int, int]  # (first chunk, count)

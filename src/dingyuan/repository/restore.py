@@ -1,17 +1,18 @@
 """Restore a snapshot to a file or block device: fully, as a delta, or resuming.
 
-One pipeline serves the three: the caller hands it :class:`Batch` es in volume order (the chunks
-to fetch, the ranges to zero, and the chunk index everything before which is then complete). For
-each batch the blobs are looked up, grouped by pack, coalesced into ranged reads of neighbouring
-blobs, and handed to worker threads that fetch, decrypt, decompress and verify each chunk
-against its id; the main thread ``pwrite`` s them. A chunk that fails verification stops the
-restore with an error; nothing unverified is ever written.
+One pipeline serves the three (:class:`ChunkPipeline`): the blobs of the chunks wanted are looked
+up, grouped by pack, coalesced into ranged reads of neighbouring blobs, and fetched by worker
+threads that decrypt, decompress and verify each chunk against its id; the main thread
+``pwrite`` s them, in volume order. A chunk that fails verification stops the restore with an
+error; nothing unverified is ever written.
 
-- **Full** (the default): the batches are the tree's leaves (256 chunks). A new or regular-file
-  target is truncated and left sparse where the snapshot has holes; a block device gets zeros
-  written there.
-- **Delta** (``delta=True``, :mod:`.delta`): the target must exist; it is read and hashed, and
-  only chunks whose id differs from the snapshot's are fetched (or zeroed).
+- **Full** (the default): the main thread hands the pipeline :class:`Batch` es, the tree's leaves
+  (256 chunks), whose ranged reads go to the workers. A new or regular-file target is truncated
+  and left sparse where the snapshot has holes; a block device gets zeros written there.
+- **Delta** (``delta=True``, :mod:`.delta`): the target must exist; the workers read and hash it
+  a window at a time, and the worker that finds a window's differing chunks fetches them at once
+  (:meth:`ChunkPipeline.fetch_all`). Of a differing chunk only the pages that differ from the
+  target are written, and of a hole of the snapshot only the pages that are not zero are zeroed.
 - **Resume** (``resume=True``): the restore's journal (:mod:`.restore_journal`) names the chunks
   already on disk; the restore continues after them, in the journal's mode. Without a journal,
   resuming an existing target is a delta restore.
