@@ -14,7 +14,9 @@ one timed CLI process (start-up and key derivation included):
 Both run with ``--no-fsync`` unless ``--fsync`` (then each flushes what it wrote). The budgets: delta
 time at most 0.1x the full restore's; bytes the delta fetched from packs at most 2x the bytes of
 the damaged chunks (64 KiB each). Both images are compared with base.img. Medians are printed as a
-table; WORK/restore.json holds every repetition.
+table, with the CPU time of each restore and the machine's load average before each one (on a
+shared machine the wall times follow the load; the CPU times much less); WORK/restore.json holds
+every repetition.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ FETCH_BUDGET = 2.0
 CLI = [sys.executable, "-m", "dingyuan.cli.main"]
 
 
-def timed_json(args: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, Any]]:
-    """Run the CLI with ``--json`` as one child after a sync; (wall s, CPU s, its JSON)."""
+def timed_json(args: list[str], env: dict[str, str]) -> tuple[float, float, float, dict[str, Any]]:
+    """Run the CLI with ``--json`` as one child after a sync; (1-minute load average before it,
+    wall s, CPU s, its JSON)."""
     os.sync()
+    load = os.getloadavg()[0]
     before = os.times()
     start = time.perf_counter()
     proc = subprocess.Popen([*CLI, *args, "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -54,7 +58,7 @@ def timed_json(args: list[str], env: dict[str, str]) -> tuple[float, float, dict
         raise SystemExit(f"dingyuan {' '.join(args)} failed ({proc.returncode}): {err.decode()[-2000:]}")
     after = os.times()
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
-    return wall, cpu, json.loads(out)
+    return load, wall, cpu, json.loads(out)
 
 
 def damage(path: Path, seed: int) -> tuple[int, int]:
@@ -80,17 +84,19 @@ def run_rep(w: Path, base: Path, env: dict[str, str], seed: int, fsync: bool) ->
     subprocess.run([*CLI, "backup", str(base), "--volume", "bench"], env=env, check=True, capture_output=True)
     full_img, damaged_img = w / "full.img", w / "damaged.img"
     flush = [] if fsync else ["--no-fsync"]
-    full_s, full_cpu, full = timed_json(["restore", "bench@latest", str(full_img), *flush], env)
+    full_load, full_s, full_cpu, full = timed_json(["restore", "bench@latest", str(full_img), *flush], env)
     subprocess.run(["cp", "--sparse=always", str(full_img), str(damaged_img)], check=True)
     blocks, chunks = damage(damaged_img, seed)
-    delta_s, delta_cpu, delta = timed_json(
+    delta_load, delta_s, delta_cpu, delta = timed_json(
         ["restore", "bench@latest", str(damaged_img), "--delta", *flush], env
     )
     return {
         "full_s": full_s,
         "full_cpu_s": full_cpu,
+        "full_load": full_load,
         "delta_s": delta_s,
         "delta_cpu_s": delta_cpu,
+        "delta_load": delta_load,
         "ratio": delta_s / full_s,
         "blocks_damaged": blocks,
         "chunks_damaged": chunks,
@@ -136,11 +142,14 @@ def main() -> int:
     print(f"Delta restore, {args.reps} repetition(s), medians, {mode}\n")
     print(f"Damage: {rep['blocks_damaged']} blocks of 4 KiB in {rep['chunks_damaged']} chunks of 64 KiB.")
     print(f"The delta compared {last['chunks_compared']} chunks, {last['chunks_differing']} differed, ")
-    print(f"{last['chunks_fetched']} were fetched (the others are holes in the snapshot).\n")
+    print(f"{last['chunks_fetched']} were fetched (the others are holes in the snapshot); it wrote")
+    print(f"{last['bytes_written'] / 2**20:.1f} MiB and zeroed {last['bytes_zeroed'] / 2**20:.1f} MiB.\n")
     print("| check | figure | budget | result |")
     print("|---|---|---|---|")
-    print(f"| full restore | {full_s:.2f} s | | |")
-    print(f"| delta restore | {delta_s:.2f} s | | |")
+    for kind in ("full", "delta"):
+        wall, cpu = med(r[f"{kind}_s"] for r in reps), med(r[f"{kind}_cpu_s"] for r in reps)
+        load = med(r[f"{kind}_load"] for r in reps)
+        print(f"| {kind} restore | {wall:.2f} s ({cpu:.2f} CPU-s, load {load:.1f}) | | |")
     print(f"| delta / full time | {ratio:.2f}x | {TIME_BUDGET}x | {met[ratio <= TIME_BUDGET]} |")
     figure = f"{fetched / 2**20:.1f} MiB / {damaged / 2**20:.1f} MiB = {fetch_ratio:.2f}x"
     print(f"| fetched / damaged bytes | {figure} | {FETCH_BUDGET}x | {met[fetch_ratio <= FETCH_BUDGET]} |")

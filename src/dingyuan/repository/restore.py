@@ -1,17 +1,18 @@
 """Restore a snapshot to a file or block device: fully, as a delta, or resuming.
 
-One pipeline serves the three: the caller hands it :class:`Batch` es in volume order (the chunks
-to fetch, the ranges to zero, and the chunk index everything before which is then complete). For
-each batch the blobs are looked up, grouped by pack, coalesced into ranged reads of neighbouring
-blobs, and handed to worker threads that fetch, decrypt, decompress and verify each chunk
-against its id; the main thread ``pwrite`` s them. A chunk that fails verification stops the
-restore with an error; nothing unverified is ever written.
+One pipeline serves the three (:class:`ChunkPipeline`): the blobs of the chunks wanted are looked
+up, grouped by pack, coalesced into ranged reads of neighbouring blobs, and fetched by worker
+threads that decrypt, decompress and verify each chunk against its id; the main thread
+``pwrite`` s them, in volume order. A chunk that fails verification stops the restore with an
+error; nothing unverified is ever written.
 
-- **Full** (the default): the batches are the tree's leaves (256 chunks). A new or regular-file
-  target is truncated and left sparse where the snapshot has holes; a block device gets zeros
-  written there.
-- **Delta** (``delta=True``, :mod:`.delta`): the target must exist; it is read and hashed, and
-  only chunks whose id differs from the snapshot's are fetched (or zeroed).
+- **Full** (the default): the main thread hands the pipeline :class:`Batch` es, the tree's leaves
+  (256 chunks), whose ranged reads go to the workers. A new or regular-file target is truncated
+  and left sparse where the snapshot has holes; a block device gets zeros written there.
+- **Delta** (``delta=True``, :mod:`.delta`): the target must exist; the workers read and hash it
+  a window at a time, and the worker that finds a window's differing chunks fetches them at once
+  (:meth:`ChunkPipeline.fetch_all`). Of a differing chunk only the pages that differ from the
+  target are written, and of a hole of the snapshot only the pages that are not zero are zeroed.
 - **Resume** (``resume=True``): the restore's journal (:mod:`.restore_journal`) names the chunks
   already on disk; the restore continues after them, in the journal's mode. Without a journal,
   resuming an existing target is a delta restore.
@@ -32,7 +33,7 @@ from typing import Any
 
 from ..errors import CorruptObject, MissingObject, ObjectNotFound, RestoreTargetError
 from .cache import Location
-from .delta import differing_chunks
+from .delta import WindowDiff, changed_pages, differing_chunks
 from .format import ZERO_ID, BlobEntry, pack_name
 from .manifest import Snapshot
 from .repo import Repository
@@ -129,19 +130,47 @@ class ChunkPipeline:
         self.fetching = 0
 
     def put(self, batch: Batch) -> None:
-        for start, end in batch.zeros:
-            self.zero(self.fd, start, end)
-            self.stats.bytes_zeroed += end - start
-        locs = self.repo.cache.lookup_many(batch.wanted)
-        missing = [b for b in batch.wanted if b not in locs]
-        if missing:
-            raise MissingObject(name=f"chunk {missing[0].hex()}", detail="not in any index")
-        for run in plan_runs(locs, batch.wanted):
+        """Write a batch's zeros, and fetch its chunks in the workers (at most ``INFLIGHT``
+        ranged reads at once) to be written as they come back, in order."""
+        self._zero(batch.zeros)
+        for run in self.plan(batch.wanted):
             self.inflight.append(self.pool.submit(self.fetch, run))
             self.fetching += 1
             while self.fetching >= INFLIGHT:
                 self._pop()
         self.inflight.append(batch.end)
+
+    def put_fetched(self, end: int, zeros: list[tuple[int, int]], fetched: Fetched) -> None:
+        """Write what a worker has fetched already (:meth:`fetch_all`) and the zeros beside it:
+        then every chunk before ``end`` is done. Not mixed with :meth:`put`."""
+        self._zero(zeros)
+        self._written(fetched)
+        self.on_done(end)
+
+    def plan(self, wanted: dict[bytes, list[int]]) -> list[Run]:
+        """The ranged reads that fetch ``wanted``; a chunk no index lists stops the restore."""
+        locs = self.repo.cache.lookup_many(wanted)
+        missing = [b for b in wanted if b not in locs]
+        if missing:
+            raise MissingObject(name=f"chunk {missing[0].hex()}", detail="not in any index")
+        return plan_runs(locs, wanted)
+
+    def fetch_all(self, wanted: dict[bytes, list[int]]) -> Fetched:
+        """Worker: look up, read and verify every chunk of ``wanted``, one ranged read after the
+        other (a delta's window holds few chunks, fetched by the worker that found them)."""
+        pieces: list[tuple[int, bytes]] = []
+        nbytes = nblobs = 0
+        for run in self.plan(wanted):
+            got, n, b = self.fetch(run)
+            pieces += got
+            nbytes += n
+            nblobs += b
+        return pieces, nbytes, nblobs
+
+    def _zero(self, zeros: list[tuple[int, int]]) -> None:
+        for start, end in zeros:
+            self.zero(self.fd, start, end)
+            self.stats.bytes_zeroed += end - start
 
     def finish(self) -> None:
         while self.inflight:
@@ -153,7 +182,10 @@ class ChunkPipeline:
             self.on_done(item)
             return
         self.fetching -= 1
-        pieces, nbytes, nblobs = item.result()
+        self._written(item.result())
+
+    def _written(self, fetched: Fetched) -> None:
+        pieces, nbytes, nblobs = fetched
         self.stats.bytes_fetched += nbytes
         self.stats.chunks_fetched += nblobs
         self.stats.bytes_written += self.write(pieces)
@@ -219,7 +251,8 @@ def full_batches(repo: Repository, snap: Snapshot, first: int, sparse: bool) -> 
     yield Batch(nchunks, {}, [] if sparse or done_to >= size else [(done_to, size)])
 
 
-def delta_batches(
+def restore_delta(
+    pipe: ChunkPipeline,
     repo: Repository,
     snap: Snapshot,
     fd: int,
@@ -227,23 +260,23 @@ def delta_batches(
     first: int,
     pool: ThreadPoolExecutor,
     stats: RestoreStats,
-) -> Iterator[Batch]:
-    """From chunk ``first``: the chunks of the target that differ from the snapshot's."""
-    cs, size = snap.chunk_size, snap.size
-    for end, compared, diffs in differing_chunks(repo, snap, fd, target, first, pool):
-        stats.chunks_compared += compared
-        stats.chunks_differing += len(diffs)
+) -> None:
+    """From chunk ``first``: fetch and write the chunks of the target that differ from the
+    snapshot's. The worker that compared a window fetches its differing chunks at once, so
+    comparing, fetching and writing overlap, and a window costs the main thread one result."""
+    cs = snap.chunk_size
+
+    def fetch(diff: WindowDiff) -> Fetched:
         wanted: dict[bytes, list[int]] = defaultdict(list)
-        zeros: list[tuple[int, int]] = []
-        for index, bid in diffs:
-            off = index * cs
-            if bid != ZERO_ID:
-                wanted[bid].append(off)
-            elif zeros and zeros[-1][1] == off:
-                zeros[-1] = (zeros[-1][0], min(off + cs, size))
-            else:
-                zeros.append((off, min(off + cs, size)))
-        yield Batch(end, wanted, zeros)
+        for index, bid in diff.fetch:
+            wanted[bid].append(index * cs)
+        pieces, nbytes, nblobs = pipe.fetch_all(wanted)
+        return changed_pages(fd, target, pieces), nbytes, nblobs
+
+    for end, compared, diff, fetched in differing_chunks(repo, snap, fd, target, first, pool, fetch):
+        stats.chunks_compared += compared
+        stats.chunks_differing += diff.differing
+        pipe.put_fetched(end, diff.zeros, fetched)
 
 
 def restore(
@@ -327,9 +360,8 @@ def _run(
     with responsive_threads(), ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
         pipe = ChunkPipeline(repo, snap, fd, target, pool, stats, zero, on_done)
         if stats.mode == "delta":
-            batches = delta_batches(repo, snap, fd, target, first, pool, stats)
+            restore_delta(pipe, repo, snap, fd, target, first, pool, stats)
         else:
-            batches = full_batches(repo, snap, first, sparse=regular)
-        for batch in batches:
-            pipe.put(batch)
+            for batch in full_batches(repo, snap, first, sparse=regular):
+                pipe.put(batch)
         pipe.finish()
