@@ -32,16 +32,12 @@ from dingyuan.exports.iscsi.session import SN_MASK, Session
 from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, SessionParams, build_text, parse_text
 from dingyuan.exports.scsi import Response, ScsiTarget
 from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
+from dingyuan.exports.scsi.sense import CHECK_CONDITION, GOOD, INVALID_FIELD_IN_CDB, SenseKey, encode_sense
 
 if TYPE_CHECKING:
     from dingyuan.exports.iscsi.server import IscsiServer
 
 log = logging.getLogger("dingyuan.iscsi")
-
-#: SAM status and the sense data we build here (the SCSI layer builds all other sense)
-STATUS_GOOD = 0x00
-STATUS_CHECK_CONDITION = 0x02
-STATUS_TASK_ABORTED = 0x40
 
 #: the largest Expected Data Transfer Length of one write we buffer: what the block limits VPD
 #: page tells initiators (MAXIMUM TRANSFER LENGTH), in bytes
@@ -56,7 +52,6 @@ WRITE_BUDGET = 2 * MAX_WRITE
 
 TMF_ABORT_TASK = 1
 TMF_ABORT_TASK_SET = 2
-TMF_CLEAR_ACA = 3
 TMF_CLEAR_TASK_SET = 4
 TMF_LUN_RESET = 5
 TMF_TARGET_WARM_RESET = 6
@@ -73,7 +68,10 @@ LOGOUT_CLOSE_SESSION = 0
 LOGOUT_CLOSE_CONNECTION = 1
 LOGOUT_RECOVERY = 2
 
-_SENSE_INVALID_FIELD_IN_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00]) + bytes(4)
+#: what a write too large to buffer gets (the SCSI layer builds all other sense data)
+_TOO_LARGE = Response(
+    CHECK_CONDITION, sense=encode_sense(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, False)
+)
 
 
 def decode_lun(lun_field: int) -> int:
@@ -84,12 +82,6 @@ def decode_lun(lun_field: int) -> int:
     if method in (0, 1):  # peripheral device (bus 0) or flat space
         return first & 0x3FFF if method == 1 else (first & 0xFF if first >> 8 == 0 else 1 << 20)
     return 1 << 20
-
-
-def encode_lun(lun: int) -> int:
-    """The 8-byte LUN field for ``lun`` as we report it (peripheral under 256, else flat)."""
-    first = lun if lun < 256 else 0x4000 | lun
-    return first << 48
 
 
 class ByteBudget:
@@ -145,7 +137,6 @@ class Task:
     lun: int
     lun_field: int
     cdb: bytes
-    cmd_sn: int
     expected_length: int
     reads: bool
     writes: bool
@@ -393,7 +384,6 @@ class Connection:
             lun=decode_lun(bhs.lun),
             lun_field=bhs.lun,
             cdb=cdb,
-            cmd_sn=bhs.cmd_sn,
             expected_length=bhs.expected_data_transfer_length if writes else 0,
             reads=reads,
             writes=writes,
@@ -414,7 +404,7 @@ class Connection:
         if task.expected_length > MAX_WRITE:
             # too large to buffer: refuse without taking its data (Data-Out for it is dropped)
             self._forget(task)
-            self._respond(task, Response(status=STATUS_CHECK_CONDITION, sense=_SENSE_INVALID_FIELD_IN_CDB), 0)
+            self._respond(task, _TOO_LARGE, 0)
             return
         params = self.session.params
         if len(pdu.data) > min(task.expected_length, params.first_burst_length) or (
@@ -530,7 +520,7 @@ class Connection:
                 scsi = await loop.run_in_executor(self._executor, target.scsi)
             parts = await self._read_soon(scsi, task) if task.reads and not task.writes else None
             if parts is not None:  # a plain READ, read from the device's cache on the loop
-                response = Response(status=STATUS_GOOD)
+                response = Response(status=GOOD)
             else:
                 response = await loop.run_in_executor(
                     self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
@@ -623,7 +613,7 @@ class Connection:
         cursor = _Cursor(parts)
         if total == 0:
             return task.r2t_sn
-        collapse = response.status == STATUS_GOOD and not response.sense
+        collapse = response.status == GOOD and not response.sense
         burst = self.session.params.max_burst_length
         offset = 0
         while offset < total:
