@@ -233,8 +233,18 @@ start_vault() {
     *) extra=(--hostname "$API_HOST") ;;  # the server certificate must name the address we call
     esac
     dy vault init --dir "$VAULT_DIR" --passphrase-file "$PASSFILE" "${extra[@]}"
+    local exports=() what port
+    for what in nbd:10809 iscsi:3260; do  # the export listeners' default ports, or off if taken
+        port=${what#*:}
+        if port_free 127.0.0.1 "$port" 2>/dev/null; then
+            exports+=("--${what%%:*}-listen" "127.0.0.1:$port")
+        else
+            exports+=("--${what%%:*}-listen" off)
+            echo "port $port is taken (another ${what%%:*} server?): ${what%%:*} exports are off in this demo"
+        fi
+    done
     start_bg vault dingyuan vault serve --dir "$VAULT_DIR" --passphrase-file "$PASSFILE" --listen "$LISTEN" \
-        --log-level warning
+        "${exports[@]}" --log-level warning
     local i
     for ((i = 0; i < 300; i++)); do
         alive vault || fail "the vault exited"
