@@ -33,6 +33,7 @@ from dingyuan.exports.iscsi.text import NOT_UNDERSTOOD, Pairs, SessionParams, bu
 from dingyuan.exports.scsi import Response, ScsiTarget
 from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
 from dingyuan.exports.scsi.sense import CHECK_CONDITION, GOOD, INVALID_FIELD_IN_CDB, SenseKey, encode_sense
+from dingyuan.exports.sockout import SocketOut
 
 if TYPE_CHECKING:
     from dingyuan.exports.iscsi.server import IscsiServer
@@ -181,6 +182,7 @@ class Connection:
         self.cid = cid
         self._reader = reader
         self._writer = writer
+        self._out = SocketOut(writer.transport)
         self._stat_sn = stat_sn
         self._executor = executor
         self.peer_text = peer_text
@@ -203,6 +205,8 @@ class Connection:
     # -- the reader loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        while self._writer.transport.get_write_buffer_size():  # the login's last response first
+            await asyncio.sleep(0.001)
         pinger = asyncio.get_running_loop().create_task(self._ping())
         try:
             while not self._closing:
@@ -216,6 +220,7 @@ class Connection:
             self._closing = True
             pinger.cancel()
             await self._abort_all(self.tasks.values(), wait=True)
+            self._out.close()
 
     async def _ping(self) -> None:
         """Ping an initiator that has been silent for ``ping_interval`` (a NOP-In that asks for a
@@ -249,6 +254,7 @@ class Connection:
     def hang_up(self) -> None:
         """Close the connection at once (the reader loop ends, running commands finish)."""
         self._closing = True
+        self._out.close()
         self._writer.transport.abort()
 
     async def _read_pdu(self) -> Pdu | None:
@@ -331,18 +337,11 @@ class Connection:
         header = p.build_header(
             _with_tail(bhs, bytes(tail)), data_length=length, header_digest=self._header_digest
         )
-        if self._writer.is_closing():
+        if self._out.closed:
             return
-        self._writer.write(header)
-        if length == 0:
-            return
-        for part in parts:
-            self._writer.write(part)
-        pad = p.padding(length)
-        if pad:
-            self._writer.write(pad)
-        if self._data_digest:
-            self._writer.write(p.digest_of([*parts, pad]))
+        pad = p.padding(length) if length else b""
+        digest = p.digest_of([*parts, pad]) if self._data_digest and length else b""
+        self._out.write(header, *parts, pad, digest)
 
     def _reject(self, rejected: Pdu | bytes, reason: int) -> None:
         header = rejected if isinstance(rejected, bytes) else p.build_pdu(rejected)[: p.BHS_SIZE]
@@ -356,11 +355,9 @@ class Connection:
         self._send(bhs, header[: p.BHS_SIZE], status=True)
 
     async def _drain(self) -> None:
-        if not self._writer.is_closing():
-            try:
-                await self._writer.drain()
-            except ConnectionError:
-                self.hang_up()
+        await self._out.drain()
+        if self._out.closed:
+            self.hang_up()
 
     # -- SCSI commands ------------------------------------------------------------------------
 
@@ -799,9 +796,11 @@ class Connection:
         )
         self._send(reply, status=True)
         await self._drain()
+        await self._out.drain(0)  # the response reaches the initiator before the connection ends
         for connection in closing:
             if connection is self:
                 self._closing = True
+                self._out.close()
                 self._writer.close()
             else:
                 connection.hang_up()
