@@ -142,8 +142,10 @@ class Vault(_Process):
             return False
 
     def stop(self) -> None:
-        super().stop()
+        # close our keep-alive connection first: the vault's graceful stop waits for open
+        # connections (up to 10 s), and ours would be the one it waits for
         self.api.close()
+        super().stop()
 
     # the API, as an administrator -------------------------------------------------------------
     def call(self, method: str, path: str, **kw: Any) -> Any:
