@@ -237,7 +237,6 @@ class ExportService:
                     row.name,
                     device,
                     identity=f"{row.kind}:{row.target}",
-                    alias=f"dingyuan {row.kind} {row.target[:12]}",
                     chap=_credentials(row.chap_user, row.chap_secret),
                     mutual_chap=_credentials(row.mutual_chap_user, row.mutual_chap_secret),
                     allowed_clients=row.allowed_clients,

@@ -335,7 +335,7 @@ class Connection:
             self._stat_sn = (self._stat_sn + 1) & SN_MASK
         length = sum(len(part) for part in parts)
         header = p.build_header(
-            _with_tail(bhs, bytes(tail)), data_length=length, header_digest=self._header_digest
+            replace(bhs, tail=bytes(tail)), data_length=length, header_digest=self._header_digest
         )
         if self._out.closed:
             return
@@ -846,7 +846,3 @@ class _Cursor:
                 self._index += 1
                 self._offset = 0
         return out
-
-
-def _with_tail(bhs: Bhs, tail: bytes) -> Bhs:
-    return replace(bhs, tail=tail)

@@ -127,10 +127,6 @@ class Login:
         self._sent_tpgt = False
         self._declared_mrdsl = False
 
-    @property
-    def params(self) -> SessionParams:
-        return self._params
-
     def receive(self, pdu: Pdu, *, tsih_for: Callable[[LoginResult], int]) -> tuple[Pdu, LoginResult | None]:
         """The response to one Login Request, and the result when the login is complete.
 

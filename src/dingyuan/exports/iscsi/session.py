@@ -46,7 +46,6 @@ class Target:
         source: DeviceSource,
         *,
         identity: str | None = None,
-        alias: str = "",
         chap: Credentials | None = None,
         mutual_chap: Credentials | None = None,
         allowed_clients: Iterable[access.IpNetwork | str] | None = None,
@@ -59,7 +58,6 @@ class Target:
         #: what the disk's serial and NAA identifier derive from: the same for every export of one
         #: snapshot or clone, so a server (multipath, a cluster, Windows' disk list) knows it again
         self.identity = identity or name
-        self.alias = alias
         self.chap = chap
         self.mutual_chap = mutual_chap
         self.allowed_clients = access.networks(allowed_clients)
