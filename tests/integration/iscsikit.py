@@ -17,6 +17,24 @@ from dingyuan.exports.iscsi.text import build_text, parse_text
 INITIATOR = "iqn.2026-11.org.dingyuan.test:initiator"
 
 
+_STATUS_OPCODES = {
+    p.OP_SCSI_RESPONSE,
+    p.OP_NOP_IN,
+    p.OP_TEXT_RESPONSE,
+    p.OP_LOGIN_RESPONSE,
+    p.OP_LOGOUT_RESPONSE,
+    p.OP_TASK_MGMT_RESPONSE,
+    p.OP_REJECT,
+}
+
+
+def carries_status(bhs: Bhs) -> bool:
+    """Whether a target PDU carries a new StatSN (the initiator's ExpStatSN moves past it)."""
+    return bhs.opcode in _STATUS_OPCODES or (
+        bhs.opcode == p.OP_DATA_IN and bool(bhs.flags & p.DATA_IN_STATUS)
+    )
+
+
 class LoginFailed(Exception):
     def __init__(self, status_class: int, status_detail: int) -> None:
         super().__init__(f"login failed: class {status_class}, detail {status_detail}")
@@ -118,15 +136,7 @@ class Initiator:
         digests = {"header_digest": self.header_digest, "data_digest": self.data_digest}
         rest = self._exact(p.remaining_length(bhs, **digests))
         pdu = p.parse_pdu(header + rest, **digests)  # digests checked
-        if pdu.bhs.opcode in (
-            p.OP_SCSI_RESPONSE,
-            p.OP_NOP_IN,
-            p.OP_TEXT_RESPONSE,
-            p.OP_LOGIN_RESPONSE,
-            p.OP_LOGOUT_RESPONSE,
-            p.OP_TASK_MGMT_RESPONSE,
-            p.OP_REJECT,
-        ) or (pdu.bhs.opcode == p.OP_DATA_IN and pdu.bhs.flags & p.DATA_IN_STATUS):
+        if carries_status(pdu.bhs):
             self.exp_stat_sn = (pdu.bhs.stat_sn + 1) & 0xFFFFFFFF
         return pdu
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from iscsikit import Initiator
+from iscsikit import Initiator, carries_status
 
 from dingyuan.exports.blockdev import FileDevice
 from dingyuan.exports.iscsi import chap
@@ -76,17 +76,6 @@ TARGET_NAMES = [RO, RO, SCRATCH, SCRATCH, SECRET, f"{PREFIX}:nope", "", "x" * 30
 CONNECTION_KEYS = ("HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength")
 #: ISIDs fuzzers share now and then, so their sessions reinstate each other
 SHARED_ISIDS = [bytes([0x80, 0, 0, 0, 0, n]) for n in range(3)]
-
-#: the target's PDU types that carry a new StatSN
-_STATUS_OPCODES = {
-    p.OP_SCSI_RESPONSE,
-    p.OP_NOP_IN,
-    p.OP_TEXT_RESPONSE,
-    p.OP_LOGIN_RESPONSE,
-    p.OP_LOGOUT_RESPONSE,
-    p.OP_TASK_MGMT_RESPONSE,
-    p.OP_REJECT,
-}
 
 
 def _image(path: Path, rnd: random.Random) -> None:
@@ -210,9 +199,7 @@ class Wire:
                 raise Broken(f"malformed PDU from the target: {raw[:64].hex()}: {e}") from e
             if pdu.bhs.opcode not in p.TARGET_OPCODES:
                 raise Broken(f"opcode {pdu.bhs.opcode:#x} from the target: {raw[:48].hex()}")
-            if pdu.bhs.opcode in _STATUS_OPCODES or (
-                pdu.bhs.opcode == p.OP_DATA_IN and pdu.bhs.flags & p.DATA_IN_STATUS
-            ):
+            if carries_status(pdu.bhs):
                 self.exp_stat_sn = (pdu.bhs.stat_sn + 1) & 0xFFFFFFFF
             self.pdus_from_target += 1
             pdus.append(pdu)
