@@ -142,9 +142,7 @@ class Vault(_Process):
             return False
 
     def stop(self) -> None:
-        # close our keep-alive connection first: the vault's graceful stop waits for open
-        # connections (up to 10 s), and ours would be the one it waits for
-        self.api.close()
+        self.api.close()  # our keep-alive connection: the vault would wait a second for its TLS close
         super().stop()
 
     # the API, as an administrator -------------------------------------------------------------

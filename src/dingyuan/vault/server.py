@@ -14,7 +14,10 @@ peeks at its first byte (``MSG_PEEK``, so nothing is consumed):
 Uvicorn itself runs unchanged but for one method: :class:`_UvicornServer` overrides
 ``Server.startup`` to start this listener instead of ``loop.create_server``; uvicorn's lifespan,
 main loop, signal handling (SIGINT, SIGTERM) and graceful shutdown (stop accepting, let running
-requests finish, at most :data:`GRACEFUL_SECONDS`) are its own.
+requests finish, at most :data:`GRACEFUL_SECONDS`) are its own. Idle keep-alive connections (an
+agent between two polls) are closed at once; a TLS close waits at most :data:`TLS_CLOSE_SECONDS`
+for the client's answering ``close_notify`` (asyncio's default is 30 s, which held every stop
+with an agent connected for the whole graceful limit).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a handshake (ClientH
 SNIFF_SECONDS = 10.0  # a client that sends nothing for this long is dropped
 HANDSHAKE_SECONDS = 15.0
 GRACEFUL_SECONDS = 10
+TLS_CLOSE_SECONDS = 1.0
 PLAINTEXT_READ_LIMIT = 16 << 10
 log = logging.getLogger(__name__)
 
@@ -137,7 +141,11 @@ class _SniffingListener:
             first = await asyncio.wait_for(_peek(conn), SNIFF_SECONDS)
             if first and first[0] == TLS_HANDSHAKE:
                 await asyncio.get_running_loop().connect_accepted_socket(
-                    self.protocol_factory, conn, ssl=self.ssl_ctx, ssl_handshake_timeout=HANDSHAKE_SECONDS
+                    self.protocol_factory,
+                    conn,
+                    ssl=self.ssl_ctx,
+                    ssl_handshake_timeout=HANDSHAKE_SECONDS,
+                    ssl_shutdown_timeout=TLS_CLOSE_SECONDS,
                 )
                 handed_over = True  # the transport owns the socket now
             elif first:
