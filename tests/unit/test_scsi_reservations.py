@@ -240,7 +240,7 @@ def test_reserve6_between_two_initiators(h: Harness) -> None:
     h.ok(reserve6, nexus=B)
     h.target.nexus_lost(B)
     h.ok(reserve6, nexus=A)
-    h.target.reset(C, lun=0)
+    h.target.reset(lun=0)
     assert h.fails(TUR, nexus=B).asc == 0x29
     assert h.fails(TUR, nexus=C).asc == 0x29
     assert h.run(rw10(WRITE10, 0, 1), bytes(BLOCK), nexus=C).status == 0

@@ -246,18 +246,18 @@ def test_report_luns(h: Harness) -> None:
 def test_reset_sets_a_unit_attention_for_every_nexus(h: Harness) -> None:
     h.ok(TUR, nexus=A)
     h.ok(TUR, nexus=B)
-    h.target.reset(A, lun=0)
+    h.target.reset(lun=0)
     assert h.fails(TUR, nexus=A).asc == 0x29  # the nexus that asked too: each path must learn of it
     h.ok(TUR, nexus=A)
     assert h.ok(inquiry(), nexus=B)[0] == 0  # INQUIRY is not stopped by one
     sense = parse_sense(h.ok(request_sense(), nexus=B))
     assert (sense.key, sense.asc, sense.ascq) == (0x06, 0x29, 0x03)
     h.ok(TUR, nexus=B)  # REQUEST SENSE cleared it
-    h.target.reset(B, lun=None)
+    h.target.reset(lun=None)
     sense = h.fails(rw10(READ10, 0, 1), nexus=A)
     assert (sense.key, sense.asc, sense.ascq) == (0x06, 0x29, 0x00)
     assert h.ok(rw10(READ10, 0, 1), nexus=A)  # reported once
-    h.ok(request_sense(), nexus=B)  # B's own attention from its reset
+    h.ok(request_sense(), nexus=B)  # B's attention from the target reset
     assert parse_sense(h.ok(request_sense(desc=True))).key == 0x00
 
 

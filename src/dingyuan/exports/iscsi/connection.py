@@ -711,7 +711,7 @@ class Connection:
             for connection in self._target_connections():
                 await connection._abort_all(list(connection.tasks.values()), wait=True)
             scsi = await asyncio.get_running_loop().run_in_executor(self._executor, target.scsi)
-            scsi.reset(self.session.nexus, lun=lun if function == TMF_LUN_RESET else None)
+            scsi.reset(lun=lun if function == TMF_LUN_RESET else None)
         elif function == TMF_TASK_REASSIGN:
             response = TMF_REASSIGN_UNSUPPORTED
         else:

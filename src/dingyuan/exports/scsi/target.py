@@ -325,7 +325,9 @@ class ScsiTarget:
         for unit in self._luns.values():
             unit.nexus_lost(nexus)
 
-    def reset(self, nexus: Nexus, *, lun: int | None) -> None:
+    def reset(self, *, lun: int | None) -> None:
+        """A LOGICAL UNIT RESET of ``lun``, or a TARGET RESET (``lun`` None) of every unit; every
+        nexus learns of it, whichever asked."""
         if lun is None:
             for unit in self._luns.values():
                 unit.reset(POWER_ON_RESET)
