@@ -134,3 +134,28 @@ def test_a_corrupt_chunk_fails_the_read_it_belongs_to(tmp_path: Path) -> None:
             assert b"".join(good.parts()) == data[5 * CHUNK : 6 * CHUNK]
     finally:
         repo.close()
+
+
+def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tmp_path: Path) -> None:
+    data = random.Random(4).randbytes(2 * MiB)
+    snap = _snapshot(repo, tmp_path, data)
+    with SnapshotImage(repo, snap, cache_bytes=CHUNK) as img:
+        assert img.read(0, 1) == data[:1]  # loads the leaf, and where its chunks are
+        lookups: list[object] = []
+        real = repo.cache.lookup_many
+
+        def counting(ids: object) -> object:
+            lookups.append(ids)
+            return real(ids)  # type: ignore[arg-type]
+
+        repo.cache.lookup_many = counting  # type: ignore[method-assign]
+        rnd = random.Random(5)
+        for _ in range(20):
+            off = rnd.randrange(len(data) - 4 * KiB)
+            pending = img.read_soon(off, 4 * KiB)
+            assert pending is not None
+            arrived = threading.Event()
+            if pending.when_ready(arrived.set):
+                assert arrived.wait(10)
+            assert b"".join(pending.parts()) == data[off : off + 4 * KiB]
+        assert lookups == [], "a chunk of a loaded leaf was looked up in the index cache"

@@ -6,6 +6,10 @@ lazy:
 - **Opening costs nothing.** No tree walk and no index load: a read descends from the root to the
   leaf it needs through :class:`TreeIndex`, a thread-safe cache of decoded tree nodes bounded by
   count, and looks its chunks up in the local index cache (SQLite, on disk).
+- **Random reads skip SQLite.** Loading a leaf also looks up where all its chunks are, in one
+  query, and the image remembers those locations (an LRU of ``MAX_LOCATIONS``); a read of a
+  chunk in a leaf already loaded finds it there. A query costs more than reading the chunk from
+  the page cache, and the sqlite3 module hands the GIL over on every call.
 - **Reads batch.** The chunks a read (or a read-ahead) needs are looked up at once, grouped by
   pack, coalesced into ranged reads of neighbouring blobs (:func:`restore.plan_runs`), and decoded
   -- decrypted, decompressed and checked against their id by ``Repository.decode_blob``, which
@@ -25,8 +29,8 @@ lazy:
 - **Holes are free.** A ``ZERO_ID`` chunk or subtree is never fetched; ``extents`` answers a
   hole by the highest tree level that is zero, so a 1 TiB hole costs a few node lookups.
 - **No lock is held while open.** gc may rewrite packs under a long-lived image: when a blob's
-  location turns out stale (its pack is gone), the index cache is synchronised once and the
-  lookup retried.
+  location turns out stale (its pack is gone), the index cache is synchronised once, the
+  locations remembered are forgotten and the lookup retried.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 2)  # decoding threads (more only con
 MAX_READAHEAD = 16 << 20  # largest read-ahead window of one stream
 MAX_STREAMS = 8  # sequential streams tracked at once
 NODE_CACHE = 1024  # decoded tree nodes (8 KiB each at the defaults): the leaves of 16 GiB
+MAX_LOCATIONS = 1 << 16  # chunk locations remembered (~400 bytes each): 4 GiB of 64 KiB chunks
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -298,8 +303,8 @@ class SnapshotImage:
     Thread-safe. ``cache_bytes`` bounds the decoded chunks kept (read-ahead lands there too, so
     it should hold a window per stream), ``workers`` the decoding threads, ``max_readahead`` the
     read-ahead window of one sequential stream. Memory stays within about ``cache_bytes``, plus
-    two runs (``restore.MAX_RUN``) per worker and ``NODE_CACHE`` tree nodes, whatever the
-    volume's size. Holds no repository lock; call :meth:`close` when done.
+    two runs (``restore.MAX_RUN``) per worker, ``NODE_CACHE`` tree nodes and ``MAX_LOCATIONS``
+    chunk locations, whatever the volume's size. Holds no repository lock; call :meth:`close` when done.
     """
 
     def __init__(
@@ -324,6 +329,7 @@ class SnapshotImage:
         self._inflight: dict[bytes, list[ChunkRead]] = {}  # chunks being fetched: who waits
         self._streams: list[_Stream] = []
         self._tick = 0
+        self._locations: _Lru[bytes, Location] = _Lru(MAX_LOCATIONS, lambda _: 1)
         self._sync_lock = threading.Lock()
         self._index_generation = 0
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="image")
@@ -452,22 +458,46 @@ class SnapshotImage:
 
     # tree nodes and the index ----------------------------------------------------------------
     def _resync(self, seen: int) -> None:
-        """Synchronise the index cache once for every reader that saw generation ``seen`` fail."""
+        """Synchronise the index cache once for every reader that saw generation ``seen`` fail,
+        and forget the locations remembered from the old one."""
         with self._sync_lock:
             if self._index_generation == seen:
                 self.repo.sync_index()
-                self._index_generation += 1
+                with self._lock:
+                    self._index_generation += 1
+                    self._locations = _Lru(MAX_LOCATIONS, lambda _: 1)
 
     def _load_node(self, bid: bytes, level: int) -> list[bytes]:
         seen = self._index_generation
         try:
-            return self.repo.load_tree_node(bid, level)
+            ids = self.repo.load_tree_node(bid, level)
         except MissingObject:  # gc may have moved it: look again in a fresh index
             self._resync(seen)
-            return self.repo.load_tree_node(bid, level)
+            seen = self._index_generation
+            ids = self.repo.load_tree_node(bid, level)
+        if level == 0:  # a leaf: where its chunks are, in one query, for the reads to come
+            self._remember(self.repo.cache.lookup_many(b for b in ids if b != ZERO_ID), seen)
+        return ids
+
+    def _remember(self, locs: dict[bytes, Location], seen: int) -> None:
+        """Keep locations looked up in index generation ``seen``, unless it has passed since."""
+        with self._lock:
+            if self._index_generation == seen:
+                for bid, loc in locs.items():
+                    self._locations.put(bid, loc)
 
     def _locate(self, ids: list[bytes], seen: int) -> dict[bytes, Location]:
-        locs = self.repo.cache.lookup_many(ids)
+        """Where ``ids`` are: from the locations remembered, else from the index cache."""
+        locs: dict[bytes, Location] = {}
+        with self._lock:
+            for bid in ids:
+                loc = self._locations.get(bid)
+                if loc is not None:
+                    locs[bid] = loc
+        if len(locs) < len(ids):
+            found = self.repo.cache.lookup_many([b for b in ids if b not in locs])
+            self._remember(found, seen)
+            locs.update(found)
         if len(locs) < len(ids):
             self._resync(seen)
             locs.update(self.repo.cache.lookup_many([b for b in ids if b not in locs]))
