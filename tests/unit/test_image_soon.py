@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support import new_repo, write_sparse
 
-from dingyuan.errors import CorruptObject
+from dingyuan.errors import CorruptObject, ExportError
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
 from dingyuan.repository.format import pack_name
@@ -159,3 +159,30 @@ def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tm
                 assert arrived.wait(10)
             assert b"".join(pending.parts()) == data[off : off + 4 * KiB]
         assert lookups == [], "a chunk of a loaded leaf was looked up in the index cache"
+
+
+def test_closing_fails_the_reads_still_waiting(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    repo = new_repo(backend, tmp_path / "cache")
+    try:
+        data = random.Random(6).randbytes(MiB)
+        snap = _snapshot(repo, tmp_path, data)
+        img = SnapshotImage(repo, snap, workers=1)
+        assert img.read(0, 1) == data[:1]
+        backend.gate.clear()
+        img.cache(CHUNK, CHUNK)  # the one decoding thread waits at the gate
+        assert backend.waiting.acquire(timeout=10)
+        pending = img.read_soon(4 * CHUNK, CHUNK)  # queued behind it
+        assert pending is not None
+        failed = threading.Event()
+        assert pending.when_ready(failed.set)
+        closing = threading.Thread(target=img.close)
+        closing.start()
+        backend.gate.set()
+        closing.join(10)
+        assert not closing.is_alive() and failed.is_set()
+        with pytest.raises(ExportError):
+            pending.parts()
+        assert not [t for t in threading.enumerate() if t.name.startswith("image")], "threads left"
+    finally:
+        repo.close()
