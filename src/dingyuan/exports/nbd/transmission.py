@@ -29,9 +29,7 @@ BlockDevice does not say whether its zeroing is cheap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -41,6 +39,7 @@ from typing import Any, TypeVar
 from dingyuan.errors import DingyuanError, ReadOnlyDevice, StorageFull, UsageError
 from dingyuan.exports.blockdev import BlockDevice, Buffer, SoonReadable
 from dingyuan.exports.nbd import wire
+from dingyuan.exports.wake import LoopWaker
 
 log = logging.getLogger("dingyuan.nbd")
 
@@ -98,36 +97,6 @@ class _Refusal(Exception):
 
 class _Gone(Exception):
     """The client is gone: a reply could not be sent."""
-
-
-class _Waker:
-    """Resolves a loop's futures from other threads, with one wake-up of the loop for all the
-    futures resolved before it runs: a snapshot image finishes a run of chunks at once, which
-    completes many reads, and each ``call_soon_threadsafe`` costs a system call on both sides."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._ready: list[asyncio.Future[None]] = []
-
-    def future(self) -> asyncio.Future[None]:
-        return self._loop.create_future()
-
-    def wake(self, future: asyncio.Future[None]) -> None:
-        """From any thread: resolve ``future`` in its loop (unless it was cancelled meanwhile)."""
-        with self._lock:
-            self._ready.append(future)
-            if len(self._ready) > 1:  # a wake-up is already scheduled and will see it
-                return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, []
-        for future in ready:
-            if not future.done():
-                future.set_result(None)
 
 
 class _Budget:
@@ -205,7 +174,7 @@ class Transmission:
         self._device = session.device
         self._read_soon = session.device.read_soon if isinstance(session.device, SoonReadable) else None
         self._executor = executor
-        self._waker = _Waker(asyncio.get_running_loop())
+        self._waker = LoopWaker(asyncio.get_running_loop())
         self._label = label
         self._slots = asyncio.Semaphore(max_in_flight)
         self._budget = _Budget(byte_budget)
