@@ -184,7 +184,9 @@ class Connection:
         self._reader = reader
         self._writer = writer
         self._out = SocketOut(writer.transport)
-        self._waker = LoopWaker(asyncio.get_running_loop())
+        self._unsent: list[Buffer] = []  # PDUs written during this turn of the loop, sent at its end
+        self._loop = asyncio.get_running_loop()
+        self._waker = LoopWaker(self._loop)
         self._stat_sn = stat_sn
         self._executor = executor
         self.peer_text = peer_text
@@ -323,7 +325,12 @@ class Connection:
 
     def _send(self, bhs: Bhs, *parts: Buffer, status: bool) -> None:
         """Write one PDU whose data segment is ``parts`` (written as they are, not joined);
-        ``status`` PDUs take the next StatSN, the others carry it unchanged."""
+        ``status`` PDUs take the next StatSN, the others carry it unchanged.
+
+        The PDUs written in one turn of the event loop go out together at its end, in one
+        ``sendmsg``: reads finished together (a snapshot's decoding threads wake the loop once
+        for many) answer with one system call, and each call lets the decoding threads take the
+        GIL, which the loop then waits to get back."""
         tail = bytearray(bhs.tail)
         struct.pack_into(
             ">III",
@@ -343,7 +350,15 @@ class Connection:
             return
         pad = p.padding(length) if length else b""
         digest = p.digest_of([*parts, pad]) if self._data_digest and length else b""
-        self._out.write(header, *parts, pad, digest)
+        if not self._unsent:
+            self._loop.call_soon(self._flush)
+        self._unsent += (header, *parts, pad, digest)
+
+    def _flush(self) -> None:
+        """Hand the PDUs written so far to the socket."""
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            self._out.write(*unsent)
 
     def _reject(self, rejected: Pdu | bytes, reason: int) -> None:
         header = rejected if isinstance(rejected, bytes) else p.build_pdu(rejected)[: p.BHS_SIZE]
@@ -357,6 +372,7 @@ class Connection:
         self._send(bhs, header[: p.BHS_SIZE], status=True)
 
     async def _drain(self) -> None:
+        self._flush()
         await self._out.drain()
         if self._out.closed:
             self.hang_up()
