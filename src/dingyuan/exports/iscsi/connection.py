@@ -537,9 +537,7 @@ class Connection:
             if parts is not None:  # a plain READ, read from the device's cache on the loop
                 response = Response(status=GOOD)
             else:
-                response = await loop.run_in_executor(
-                    self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
-                )
+                response = await self._execute_in_thread(scsi, task)
             self._free(task)
             if task.aborted or self._closing:
                 return
@@ -552,6 +550,22 @@ class Connection:
         finally:
             self._free(task)
             self._read_budget.release(held)
+
+    async def _execute_in_thread(self, scsi: ScsiTarget, task: Task) -> Response:
+        """Run the command in the executor, where the device may block. The loop hears of its
+        end through the connection's waker, with the other commands that ended meanwhile, not
+        through the asyncio future that ``run_in_executor`` chains to the executor's: on a busy
+        loop that chaining cost more than the command. A command aborted before it started is
+        not run."""
+        job = self._executor.submit(scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus)
+        woken = self._waker.future()
+        job.add_done_callback(lambda _: self._waker.wake(woken))
+        try:
+            await woken
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        return job.result()
 
     async def _read_soon(self, scsi: ScsiTarget, task: Task) -> list[Buffer] | None:
         """The data of a plain, valid READ from a device that reads without blocking (a snapshot
