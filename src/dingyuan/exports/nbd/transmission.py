@@ -48,6 +48,9 @@ _T = TypeVar("_T")
 #: a structured read is sent in pieces of this size, each as soon as it is read, and a piece of
 #: zeros is sent as a hole
 READ_PIECE = 1 << 20
+#: replies up to this size are joined (copied: cheaper than a system call) and sent together with
+#: the others of the same turn of the event loop
+SMALL_REPLY = 32 << 10
 #: at most this many descriptors answer one BLOCK_STATUS (the protocol lets a server say less)
 MAX_DESCRIPTORS = 4096
 _ZERO_PIECE = bytes(READ_PIECE)
@@ -179,6 +182,7 @@ class Transmission:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._budget = _Budget(byte_budget)
         self._send_lock = asyncio.Lock()
+        self._unsent: list[Buffer] = []  # small replies of this turn of the loop, written at its end
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -189,6 +193,7 @@ class Transmission:
         finally:
             while self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._flush()
 
     async def _loop(self) -> None:
         while True:
@@ -366,15 +371,33 @@ class Transmission:
             await self._send(wire.build_simple_reply(error, request.cookie))
 
     async def _send(self, *parts: Buffer) -> None:
+        """Write one reply. A small one (up to ``SMALL_REPLY`` bytes) is joined and goes with the
+        other small replies of this turn of the event loop, at its end, in one ``send``: each
+        system call lets the decoding threads take the GIL, which the loop then waits to get
+        back, and the reads a snapshot finishes together resume in the same turn."""
         async with self._send_lock:
             if self._writer.is_closing():
                 raise _Gone("the connection is closed")
             try:
-                for part in parts:  # not writelines: before Python 3.12 it joins (copies) the data
-                    self._writer.write(part)
+                if sum(len(part) for part in parts) <= SMALL_REPLY:
+                    if not self._unsent:
+                        asyncio.get_running_loop().call_soon(self._flush)
+                    self._unsent += parts
+                else:
+                    self._flush()
+                    for part in parts:  # not writelines: before Python 3.12 it joins (copies) the data
+                        self._writer.write(part)
                 await self._writer.drain()
             except (ConnectionError, OSError) as e:
                 raise _Gone(str(e)) from e
+
+    def _flush(self) -> None:
+        """Write the small replies not written yet, as one buffer."""
+        if self._unsent:
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            if not self._writer.is_closing():
+                self._writer.write(data)
 
     async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
