@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from support import new_repo, write_sparse
 from dingyuan.errors import CorruptObject, ExportError
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
+from dingyuan.repository.cache import Location
 from dingyuan.repository.format import pack_name
 from dingyuan.repository.image import SnapshotImage
 from dingyuan.repository.manifest import Snapshot
@@ -141,12 +143,12 @@ def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tm
     snap = _snapshot(repo, tmp_path, data)
     with SnapshotImage(repo, snap, cache_bytes=CHUNK) as img:
         assert img.read(0, 1) == data[:1]  # loads the leaf, and where its chunks are
-        lookups: list[object] = []
+        lookups: list[list[bytes]] = []
         real = repo.cache.lookup_many
 
-        def counting(ids: object) -> object:
-            lookups.append(ids)
-            return real(ids)  # type: ignore[arg-type]
+        def counting(ids: Iterable[bytes]) -> dict[bytes, Location]:
+            lookups.append(list(ids))
+            return real(lookups[-1])
 
         repo.cache.lookup_many = counting  # type: ignore[method-assign]
         rnd = random.Random(5)
