@@ -163,12 +163,13 @@ def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tm
         assert lookups == [], "a chunk of a loaded leaf was looked up in the index cache"
 
 
-def test_closing_fails_the_reads_still_waiting(tmp_path: Path) -> None:
+def test_closing_calls_back_every_waiting_read_and_stops_its_threads(tmp_path: Path) -> None:
     backend = GatedBackend()
     repo = new_repo(backend, tmp_path / "cache")
     try:
         data = random.Random(6).randbytes(MiB)
         snap = _snapshot(repo, tmp_path, data)
+        before = set(threading.enumerate())
         img = SnapshotImage(repo, snap, workers=1)
         assert img.read(0, 1) == data[:1]
         backend.gate.clear()
@@ -176,15 +177,19 @@ def test_closing_fails_the_reads_still_waiting(tmp_path: Path) -> None:
         assert backend.waiting.acquire(timeout=10)
         pending = img.read_soon(4 * CHUNK, CHUNK)  # queued behind it
         assert pending is not None
-        failed = threading.Event()
-        assert pending.when_ready(failed.set)
+        called = threading.Event()
+        assert pending.when_ready(called.set)
         closing = threading.Thread(target=img.close)
         closing.start()
         backend.gate.set()
         closing.join(10)
-        assert not closing.is_alive() and failed.is_set()
-        with pytest.raises(ExportError):
-            pending.parts()
-        assert not [t for t in threading.enumerate() if t.name.startswith("image")], "threads left"
+        assert not closing.is_alive() and called.is_set()
+        try:  # dropped by close (the usual case), or fetched before close got to it
+            got = b"".join(pending.parts())
+        except ExportError:
+            pass
+        else:
+            assert got == data[4 * CHUNK : 5 * CHUNK]
+        assert set(threading.enumerate()) <= before, "the image left threads running"
     finally:
         repo.close()
