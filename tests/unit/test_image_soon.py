@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from support import new_repo, write_sparse
 
-from dingyuan.errors import CorruptObject
+from dingyuan.errors import CorruptObject, ExportError
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
+from dingyuan.repository.cache import Location
 from dingyuan.repository.format import pack_name
 from dingyuan.repository.image import SnapshotImage
 from dingyuan.repository.manifest import Snapshot
@@ -132,5 +134,62 @@ def test_a_corrupt_chunk_fails_the_read_it_belongs_to(tmp_path: Path) -> None:
             with pytest.raises(CorruptObject):
                 bad.parts()
             assert b"".join(good.parts()) == data[5 * CHUNK : 6 * CHUNK]
+    finally:
+        repo.close()
+
+
+def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tmp_path: Path) -> None:
+    data = random.Random(4).randbytes(2 * MiB)
+    snap = _snapshot(repo, tmp_path, data)
+    with SnapshotImage(repo, snap, cache_bytes=CHUNK) as img:
+        assert img.read(0, 1) == data[:1]  # loads the leaf, and where its chunks are
+        lookups: list[list[bytes]] = []
+        real = repo.cache.lookup_many
+
+        def counting(ids: Iterable[bytes]) -> dict[bytes, Location]:
+            lookups.append(list(ids))
+            return real(lookups[-1])
+
+        repo.cache.lookup_many = counting  # type: ignore[method-assign]
+        rnd = random.Random(5)
+        for _ in range(20):
+            off = rnd.randrange(len(data) - 4 * KiB)
+            pending = img.read_soon(off, 4 * KiB)
+            assert pending is not None
+            arrived = threading.Event()
+            if pending.when_ready(arrived.set):
+                assert arrived.wait(10)
+            assert b"".join(pending.parts()) == data[off : off + 4 * KiB]
+        assert lookups == [], "a chunk of a loaded leaf was looked up in the index cache"
+
+
+def test_closing_calls_back_every_waiting_read_and_stops_its_threads(tmp_path: Path) -> None:
+    backend = GatedBackend()
+    repo = new_repo(backend, tmp_path / "cache")
+    try:
+        data = random.Random(6).randbytes(MiB)
+        snap = _snapshot(repo, tmp_path, data)
+        before = set(threading.enumerate())
+        img = SnapshotImage(repo, snap, workers=1)
+        assert img.read(0, 1) == data[:1]
+        backend.gate.clear()
+        img.cache(CHUNK, CHUNK)  # the one decoding thread waits at the gate
+        assert backend.waiting.acquire(timeout=10)
+        pending = img.read_soon(4 * CHUNK, CHUNK)  # queued behind it
+        assert pending is not None
+        called = threading.Event()
+        assert pending.when_ready(called.set)
+        closing = threading.Thread(target=img.close)
+        closing.start()
+        backend.gate.set()
+        closing.join(10)
+        assert not closing.is_alive() and called.is_set()
+        try:  # dropped by close (the usual case), or fetched before close got to it
+            got = b"".join(pending.parts())
+        except ExportError:
+            pass
+        else:
+            assert got == data[4 * CHUNK : 5 * CHUNK]
+        assert set(threading.enumerate()) <= before, "the image left threads running"
     finally:
         repo.close()

@@ -6,37 +6,46 @@ lazy:
 - **Opening costs nothing.** No tree walk and no index load: a read descends from the root to the
   leaf it needs through :class:`TreeIndex`, a thread-safe cache of decoded tree nodes bounded by
   count, and looks its chunks up in the local index cache (SQLite, on disk).
+- **Random reads skip SQLite.** Loading a leaf also looks up where all its chunks are, in one
+  query, and the image remembers those locations (an LRU of ``MAX_LOCATIONS``); a read of a
+  chunk in a leaf already loaded finds it there. A query costs more than reading the chunk from
+  the page cache, and the sqlite3 module hands the GIL over on every call.
 - **Reads batch.** The chunks a read (or a read-ahead) needs are looked up at once, grouped by
   pack, coalesced into ranged reads of neighbouring blobs (:func:`restore.plan_runs`), and decoded
   -- decrypted, decompressed and checked against their id by ``Repository.decode_blob``, which
-  drops the GIL -- in a small thread pool. Every byte served has passed that check; a chunk that
-  fails it fails the read with ``CorruptObject``, never returns other bytes.
+  drops the GIL -- by a few decoding threads (:class:`_Workers`). Every byte served has passed
+  that check; a chunk that fails it fails the read with ``CorruptObject``, never returns other
+  bytes.
 - **Chunks are cached by id**, in an LRU bounded by bytes: a chunk that occurs at many offsets
   (dedup) is fetched once. A chunk being fetched lists the reads waiting for it, so concurrent
   readers (NBD multi-conn) never fetch it twice; a read (:class:`ChunkRead`) is woken once, when
   its last chunk arrives -- on two cores a thread switch per chunk cost more than the decode.
 - **Reads need not block.** ``read`` waits in the caller's thread; ``read_soon`` (for an event
-  loop: the NBD server) returns at once with a :class:`ChunkRead` that calls back when its data is
-  at hand, leaving index lookups and decoding to the decoding threads. It declines (None) only a
-  read whose tree node is not cached, the one load it would have to wait for.
+  loop: the NBD server, the iSCSI target) returns at once with a :class:`ChunkRead` that calls
+  back when its data is at hand, leaving index lookups and decoding to the decoding threads. It
+  declines (None) only a read whose tree node is not cached, the one load it would have to wait
+  for. A random read that misses the cache is one job for one decoding thread, which looks the
+  chunk up, reads and decodes it and calls back: two thread switches in all.
 - **Sequential streams read ahead.** Each stream of reads that follow one another gets a window
   that doubles with every read up to ``max_readahead``; the next window is fetched in the
   background. Several streams are tracked at once (nbdcopy gives each connection its own region).
 - **Holes are free.** A ``ZERO_ID`` chunk or subtree is never fetched; ``extents`` answers a
   hole by the highest tree level that is zero, so a 1 TiB hole costs a few node lookups.
 - **No lock is held while open.** gc may rewrite packs under a long-lived image: when a blob's
-  location turns out stale (its pack is gone), the index cache is synchronised once and the
-  lookup retried.
+  location turns out stale (its pack is gone), the index cache is synchronised once, the
+  locations remembered are forgotten and the lookup retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -60,9 +69,12 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 2)  # decoding threads (more only con
 MAX_READAHEAD = 16 << 20  # largest read-ahead window of one stream
 MAX_STREAMS = 8  # sequential streams tracked at once
 NODE_CACHE = 1024  # decoded tree nodes (8 KiB each at the defaults): the leaves of 16 GiB
+MAX_LOCATIONS = 1 << 16  # chunk locations remembered (~400 bytes each): 4 GiB of 64 KiB chunks
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+log = logging.getLogger("dingyuan.image")
 
 
 class _Lru(Generic[K, V]):
@@ -92,6 +104,57 @@ class _Lru(Generic[K, V]):
         while self.used > self.capacity and len(self._items) > 1:
             _, evicted = self._items.popitem(last=False)
             self.used -= self.cost(evicted)
+
+
+class _Workers:
+    """Threads that run jobs from one queue, started at the first job; what a
+    ``ThreadPoolExecutor`` does without a future per job. An event loop hands a job over for
+    every random read that misses the cache, and the executor's ``submit`` (a future with its
+    condition, a work item, a semaphore) cost the loop more than the rest of starting the read.
+
+    A job must handle its own errors: one that raises is logged, nobody waits for its result.
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._count = count
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job``; RuntimeError once closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name} workers are closed")
+            if not self._threads:
+                for n in range(self._count):
+                    thread = threading.Thread(target=self._work, name=f"{self._name}_{n}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+            self._jobs.put(job)
+
+    def close(self) -> None:
+        """Drop the jobs not started, let the running ones finish, and stop the threads."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:
+                log.exception("%s: a background job failed", self._name)
 
 
 class TreeIndex:
@@ -298,8 +361,8 @@ class SnapshotImage:
     Thread-safe. ``cache_bytes`` bounds the decoded chunks kept (read-ahead lands there too, so
     it should hold a window per stream), ``workers`` the decoding threads, ``max_readahead`` the
     read-ahead window of one sequential stream. Memory stays within about ``cache_bytes``, plus
-    two runs (``restore.MAX_RUN``) per worker and ``NODE_CACHE`` tree nodes, whatever the
-    volume's size. Holds no repository lock; call :meth:`close` when done.
+    two runs (``restore.MAX_RUN``) per worker, ``NODE_CACHE`` tree nodes and ``MAX_LOCATIONS``
+    chunk locations, whatever the volume's size. Holds no repository lock; call :meth:`close` when done.
     """
 
     def __init__(
@@ -324,10 +387,11 @@ class SnapshotImage:
         self._inflight: dict[bytes, list[ChunkRead]] = {}  # chunks being fetched: who waits
         self._streams: list[_Stream] = []
         self._tick = 0
+        self._locations: _Lru[bytes, Location] = _Lru(MAX_LOCATIONS, lambda _: 1)
         self._sync_lock = threading.Lock()
         self._index_generation = 0
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="image")
-        self._planner = ThreadPoolExecutor(1, thread_name_prefix="image-ahead")
+        self._pool = _Workers(workers, "image")
+        self._planner = _Workers(1, "image-ahead")
         self._closed = False
 
     # the BlockDevice interface ---------------------------------------------------------------
@@ -431,8 +495,8 @@ class SnapshotImage:
             if self._closed:
                 return
             self._closed = True
-        self._planner.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._planner.close()
+        self._pool.close()
         with self._lock:
             stranded = list(self._inflight)
         self._publish([(bid, ExportError(f"{self.name} was closed")) for bid in stranded])
@@ -452,22 +516,46 @@ class SnapshotImage:
 
     # tree nodes and the index ----------------------------------------------------------------
     def _resync(self, seen: int) -> None:
-        """Synchronise the index cache once for every reader that saw generation ``seen`` fail."""
+        """Synchronise the index cache once for every reader that saw generation ``seen`` fail,
+        and forget the locations remembered from the old one."""
         with self._sync_lock:
             if self._index_generation == seen:
                 self.repo.sync_index()
-                self._index_generation += 1
+                with self._lock:
+                    self._index_generation += 1
+                    self._locations = _Lru(MAX_LOCATIONS, lambda _: 1)
 
     def _load_node(self, bid: bytes, level: int) -> list[bytes]:
         seen = self._index_generation
         try:
-            return self.repo.load_tree_node(bid, level)
+            ids = self.repo.load_tree_node(bid, level)
         except MissingObject:  # gc may have moved it: look again in a fresh index
             self._resync(seen)
-            return self.repo.load_tree_node(bid, level)
+            seen = self._index_generation
+            ids = self.repo.load_tree_node(bid, level)
+        if level == 0:  # a leaf: where its chunks are, in one query, for the reads to come
+            self._remember(self.repo.cache.lookup_many(b for b in ids if b != ZERO_ID), seen)
+        return ids
+
+    def _remember(self, locs: dict[bytes, Location], seen: int) -> None:
+        """Keep locations looked up in index generation ``seen``, unless it has passed since."""
+        with self._lock:
+            if self._index_generation == seen:
+                for bid, loc in locs.items():
+                    self._locations.put(bid, loc)
 
     def _locate(self, ids: list[bytes], seen: int) -> dict[bytes, Location]:
-        locs = self.repo.cache.lookup_many(ids)
+        """Where ``ids`` are: from the locations remembered, else from the index cache."""
+        locs: dict[bytes, Location] = {}
+        with self._lock:
+            for bid in ids:
+                loc = self._locations.get(bid)
+                if loc is not None:
+                    locs[bid] = loc
+        if len(locs) < len(ids):
+            found = self.repo.cache.lookup_many([b for b in ids if b not in locs])
+            self._remember(found, seen)
+            locs.update(found)
         if len(locs) < len(ids):
             self._resync(seen)
             locs.update(self.repo.cache.lookup_many([b for b in ids if b not in locs]))
@@ -502,7 +590,7 @@ class SnapshotImage:
             self._fetch(new, seen)
             return
         try:
-            self._pool.submit(self._fetch, new, seen, inline=True)
+            self._pool.submit(lambda: self._fetch(new, seen, inline=True))
         except RuntimeError:  # closed meanwhile
             self._publish([(bid, ExportError(f"{self.name} is closed")) for bid in new])
 
@@ -517,7 +605,7 @@ class SnapshotImage:
             runs = plan_runs(locs, {b: [] for b in locs})
             last = runs.pop() if inline and runs else None
             for run in runs:
-                self._pool.submit(self._fetch_run, run, seen)
+                self._pool.submit(functools.partial(self._fetch_run, run, seen))
             if last is not None:
                 self._fetch_run(last, seen)
         except BaseException as e:  # a closed pool, a failed lookup: every waiter gets it

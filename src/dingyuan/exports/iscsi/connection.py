@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from dingyuan.errors import DingyuanError
 from dingyuan.exports.blockdev import Buffer, SoonReadable
@@ -34,6 +34,7 @@ from dingyuan.exports.scsi import Response, ScsiTarget
 from dingyuan.exports.scsi.sbc import BLOCK, MAX_TRANSFER
 from dingyuan.exports.scsi.sense import CHECK_CONDITION, GOOD, INVALID_FIELD_IN_CDB, SenseKey, encode_sense
 from dingyuan.exports.sockout import SocketOut
+from dingyuan.exports.wake import LoopWaker
 
 if TYPE_CHECKING:
     from dingyuan.exports.iscsi.server import IscsiServer
@@ -183,6 +184,9 @@ class Connection:
         self._reader = reader
         self._writer = writer
         self._out = SocketOut(writer.transport)
+        self._unsent: list[Buffer] = []  # PDUs written during this turn of the loop, sent at its end
+        self._loop = asyncio.get_running_loop()
+        self._waker = LoopWaker(self._loop)
         self._stat_sn = stat_sn
         self._executor = executor
         self.peer_text = peer_text
@@ -321,7 +325,12 @@ class Connection:
 
     def _send(self, bhs: Bhs, *parts: Buffer, status: bool) -> None:
         """Write one PDU whose data segment is ``parts`` (written as they are, not joined);
-        ``status`` PDUs take the next StatSN, the others carry it unchanged."""
+        ``status`` PDUs take the next StatSN, the others carry it unchanged.
+
+        The PDUs written in one turn of the event loop go out together at its end, in one
+        ``sendmsg``: reads finished together (a snapshot's decoding threads wake the loop once
+        for many) answer with one system call, and each call lets the decoding threads take the
+        GIL, which the loop then waits to get back."""
         tail = bytearray(bhs.tail)
         struct.pack_into(
             ">III",
@@ -341,7 +350,15 @@ class Connection:
             return
         pad = p.padding(length) if length else b""
         digest = p.digest_of([*parts, pad]) if self._data_digest and length else b""
-        self._out.write(header, *parts, pad, digest)
+        if not self._unsent:
+            self._loop.call_soon(self._flush)
+        self._unsent += (header, *parts, pad, digest)
+
+    def _flush(self) -> None:
+        """Hand the PDUs written so far to the socket."""
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            self._out.write(*unsent)
 
     def _reject(self, rejected: Pdu | bytes, reason: int) -> None:
         header = rejected if isinstance(rejected, bytes) else p.build_pdu(rejected)[: p.BHS_SIZE]
@@ -355,6 +372,7 @@ class Connection:
         self._send(bhs, header[: p.BHS_SIZE], status=True)
 
     async def _drain(self) -> None:
+        self._flush()
         await self._out.drain()
         if self._out.closed:
             self.hang_up()
@@ -519,9 +537,7 @@ class Connection:
             if parts is not None:  # a plain READ, read from the device's cache on the loop
                 response = Response(status=GOOD)
             else:
-                response = await loop.run_in_executor(
-                    self._executor, scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus
-                )
+                response = await self._execute_in_thread(scsi, task)
             self._free(task)
             if task.aborted or self._closing:
                 return
@@ -535,6 +551,22 @@ class Connection:
             self._free(task)
             self._read_budget.release(held)
 
+    async def _execute_in_thread(self, scsi: ScsiTarget, task: Task) -> Response:
+        """Run the command in the executor, where the device may block. The loop hears of its
+        end through the connection's waker, with the other commands that ended meanwhile, not
+        through the asyncio future that ``run_in_executor`` chains to the executor's: on a busy
+        loop that chaining cost more than the command. A command aborted before it started is
+        not run."""
+        job = self._executor.submit(scsi.execute, task.lun, task.cdb, bytes(task.buffer), self.session.nexus)
+        woken = self._waker.future()
+        job.add_done_callback(lambda _: self._waker.wake(woken))
+        try:
+            await woken
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        return job.result()
+
     async def _read_soon(self, scsi: ScsiTarget, task: Task) -> list[Buffer] | None:
         """The data of a plain, valid READ from a device that reads without blocking (a snapshot
         image: its decoding threads fetch, the event loop waits without a thread of its own);
@@ -544,19 +576,14 @@ class Connection:
         if planned is None:
             return None
         device, offset, length = planned
-        if not isinstance(device, SoonReadable):
+        if not _soon_readable(device):
             return None
         pending = device.read_soon(offset, length)
         if pending is None:
             return None
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-
-        def wake() -> None:  # from a decoding thread
-            loop.call_soon_threadsafe(_settle, ready)
-
-        if pending.when_ready(wake):
-            await ready
+        woken = self._waker.future()
+        if pending.when_ready(lambda: self._waker.wake(woken)):  # from a decoding thread
+            await woken
         try:
             return pending.parts()
         except DingyuanError:
@@ -806,9 +833,17 @@ class Connection:
                 connection.hang_up()
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+_SOON_READABLE: dict[type, bool] = {}  # device class -> whether it is SoonReadable
+
+
+def _soon_readable(device: object) -> TypeGuard[SoonReadable]:
+    """Whether ``device`` is :class:`SoonReadable`, asked once per class, not per command: the
+    structural check of ``isinstance`` costs several microseconds of the event loop."""
+    kind = type(device)
+    known = _SOON_READABLE.get(kind)
+    if known is None:
+        known = _SOON_READABLE[kind] = issubclass(kind, SoonReadable)
+    return known
 
 
 def _cut(parts: list[Buffer], limit: int) -> list[Buffer]:

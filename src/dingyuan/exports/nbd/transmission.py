@@ -29,9 +29,7 @@ BlockDevice does not say whether its zeroing is cheap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -41,6 +39,7 @@ from typing import Any, TypeVar
 from dingyuan.errors import DingyuanError, ReadOnlyDevice, StorageFull, UsageError
 from dingyuan.exports.blockdev import BlockDevice, Buffer, SoonReadable
 from dingyuan.exports.nbd import wire
+from dingyuan.exports.wake import LoopWaker
 
 log = logging.getLogger("dingyuan.nbd")
 
@@ -49,6 +48,9 @@ _T = TypeVar("_T")
 #: a structured read is sent in pieces of this size, each as soon as it is read, and a piece of
 #: zeros is sent as a hole
 READ_PIECE = 1 << 20
+#: replies up to this size are joined (copied: cheaper than a system call) and sent together with
+#: the others of the same turn of the event loop
+SMALL_REPLY = 32 << 10
 #: at most this many descriptors answer one BLOCK_STATUS (the protocol lets a server say less)
 MAX_DESCRIPTORS = 4096
 _ZERO_PIECE = bytes(READ_PIECE)
@@ -98,36 +100,6 @@ class _Refusal(Exception):
 
 class _Gone(Exception):
     """The client is gone: a reply could not be sent."""
-
-
-class _Waker:
-    """Resolves a loop's futures from other threads, with one wake-up of the loop for all the
-    futures resolved before it runs: a snapshot image finishes a run of chunks at once, which
-    completes many reads, and each ``call_soon_threadsafe`` costs a system call on both sides."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._ready: list[asyncio.Future[None]] = []
-
-    def future(self) -> asyncio.Future[None]:
-        return self._loop.create_future()
-
-    def wake(self, future: asyncio.Future[None]) -> None:
-        """From any thread: resolve ``future`` in its loop (unless it was cancelled meanwhile)."""
-        with self._lock:
-            self._ready.append(future)
-            if len(self._ready) > 1:  # a wake-up is already scheduled and will see it
-                return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, []
-        for future in ready:
-            if not future.done():
-                future.set_result(None)
 
 
 class _Budget:
@@ -205,11 +177,12 @@ class Transmission:
         self._device = session.device
         self._read_soon = session.device.read_soon if isinstance(session.device, SoonReadable) else None
         self._executor = executor
-        self._waker = _Waker(asyncio.get_running_loop())
+        self._waker = LoopWaker(asyncio.get_running_loop())
         self._label = label
         self._slots = asyncio.Semaphore(max_in_flight)
         self._budget = _Budget(byte_budget)
         self._send_lock = asyncio.Lock()
+        self._unsent: list[Buffer] = []  # small replies of this turn of the loop, written at its end
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -220,6 +193,7 @@ class Transmission:
         finally:
             while self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._flush()
 
     async def _loop(self) -> None:
         while True:
@@ -397,15 +371,33 @@ class Transmission:
             await self._send(wire.build_simple_reply(error, request.cookie))
 
     async def _send(self, *parts: Buffer) -> None:
+        """Write one reply. A small one (up to ``SMALL_REPLY`` bytes) is joined and goes with the
+        other small replies of this turn of the event loop, at its end, in one ``send``: each
+        system call lets the decoding threads take the GIL, which the loop then waits to get
+        back, and the reads a snapshot finishes together resume in the same turn."""
         async with self._send_lock:
             if self._writer.is_closing():
                 raise _Gone("the connection is closed")
             try:
-                for part in parts:  # not writelines: before Python 3.12 it joins (copies) the data
-                    self._writer.write(part)
+                if sum(len(part) for part in parts) <= SMALL_REPLY:
+                    if not self._unsent:
+                        asyncio.get_running_loop().call_soon(self._flush)
+                    self._unsent += parts
+                else:
+                    self._flush()
+                    for part in parts:  # not writelines: before Python 3.12 it joins (copies) the data
+                        self._writer.write(part)
                 await self._writer.drain()
             except (ConnectionError, OSError) as e:
                 raise _Gone(str(e)) from e
+
+    def _flush(self) -> None:
+        """Write the small replies not written yet, as one buffer."""
+        if self._unsent:
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            if not self._writer.is_closing():
+                self._writer.write(data)
 
     async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
