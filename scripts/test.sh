@@ -127,9 +127,10 @@ if [ "$#" -eq 0 ]; then
     trap 'stop_alongside; rm -f "$ALONGSIDE_LOG"' EXIT
     trap 'exit 130' INT TERM
     # a process group of its own: a Ctrl-C reaches the foreground pytest, the EXIT trap this one
-    # (once: a second SIGINT would cut its clean-up short); no cache, the foreground run keeps it
+    # (once: a second SIGINT would cut its clean-up short); no cache, the foreground run keeps it;
+    # -rP: what the passed tests printed too (their pause and RPO figures, to watch the margins)
     set -m
-    python -m pytest -m long_wait -p no:cacheprovider </dev/null >"$ALONGSIDE_LOG" 2>&1 &
+    python -m pytest -m long_wait -p no:cacheprovider -rP </dev/null >"$ALONGSIDE_LOG" 2>&1 &
     ALONGSIDE_PID=$!
     set +m
     run_check "pytest" python -m pytest -m "not long_wait" </dev/null
