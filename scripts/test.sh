@@ -125,7 +125,8 @@ alongside_result() {  # the background pytest's output and exit status
 if [ "$#" -eq 0 ]; then
     ALONGSIDE_LOG=$(mktemp)
     trap 'stop_alongside; rm -f "$ALONGSIDE_LOG"' EXIT
-    trap 'exit 130' INT TERM
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     # a process group of its own: a Ctrl-C reaches the foreground pytest, the EXIT trap this one
     # (once: a second SIGINT would cut its clean-up short); no cache, the foreground run keeps it;
     # -rP: what the passed tests printed too (their pause and RPO figures, to watch the margins)
