@@ -2,7 +2,8 @@
 # THE test command: installs everything the tests need (Debian 12, as root) and runs the whole suite.
 #   sudo bash scripts/test.sh [PYTEST ARGS...]
 # Steps: apt packages -> .venv (python3 from PATH, >= 3.11) -> pip install -e '.[test]' -> ruff check ->
-# ruff format --check -> mypy (strict) -> lint-imports (when configured) -> python -m pytest "$@".
+# ruff format --check -> mypy (strict) -> lint-imports (when configured) -> python -m pytest "$@" (with
+# no arguments: the long_wait tests in a second pytest process alongside the rest).
 # A second run skips apt when every package is installed and pip when pyproject.toml is unchanged.
 # Every check runs even after an earlier one failed; the exit status is non-zero when any failed.
 set -euo pipefail
@@ -102,7 +103,42 @@ else
     dy_section "import-linter"
     echo "-- skipped: no import-linter configuration (.importlinter or [tool.importlinter])"
 fi
-run_check "pytest" python -m pytest "$@" </dev/null
+# The whole suite (no arguments) runs as two pytest processes at once: the tests marked long_wait
+# (minutes of a protected load, spent mostly waiting) in the background, everything else in the
+# foreground; the background run's output is shown once the foreground run has ended, and either
+# failing fails the run. With arguments, one pytest runs whatever they select.
+ALONGSIDE_PID=""
+stop_alongside() {  # an interrupted run interrupts the background pytest too, which then cleans up
+    [ -n "$ALONGSIDE_PID" ] || return 0
+    kill -INT "$ALONGSIDE_PID" 2>/dev/null || true
+    wait "$ALONGSIDE_PID" 2>/dev/null || true
+    ALONGSIDE_PID=""
+    cat "$ALONGSIDE_LOG"
+}
+alongside_result() {  # the background pytest's output and exit status
+    local rc=0
+    wait "$ALONGSIDE_PID" || rc=$?
+    ALONGSIDE_PID=""
+    cat "$ALONGSIDE_LOG"
+    return "$rc"
+}
+if [ "$#" -eq 0 ]; then
+    ALONGSIDE_LOG=$(mktemp)
+    trap 'stop_alongside; rm -f "$ALONGSIDE_LOG"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    # a process group of its own: a Ctrl-C reaches the foreground pytest, the EXIT trap this one
+    # (once: a second SIGINT would cut its clean-up short); no cache, the foreground run keeps it;
+    # -rP: what the passed tests printed too (their pause and RPO figures, to watch the margins)
+    set -m
+    python -m pytest -m long_wait -p no:cacheprovider -rP </dev/null >"$ALONGSIDE_LOG" 2>&1 &
+    ALONGSIDE_PID=$!
+    set +m
+    run_check "pytest" python -m pytest -m "not long_wait" </dev/null
+    run_check "pytest -m long_wait (ran alongside)" alongside_result
+else
+    run_check "pytest" python -m pytest "$@" </dev/null
+fi
 
 dy_section "summary"
 if [ "${#FAILED[@]}" -ne 0 ]; then

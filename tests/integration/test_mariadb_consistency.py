@@ -121,6 +121,7 @@ def _check_restored(image: Path, base: Path) -> tuple[int, int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.long_wait
 def test_mariadb_under_a_10_second_policy_every_checked_snapshot_recovers_with_every_commit(
     tmp_path: Path,
 ) -> None:

@@ -150,6 +150,7 @@ def _check_restored(bindir: Path, image: Path, base: Path) -> tuple[int, int, fl
 
 
 @pytest.mark.slow
+@pytest.mark.long_wait
 def test_pgbench_under_a_10_second_policy_every_checked_snapshot_recovers_with_every_commit(
     tmp_path: Path,
 ) -> None:

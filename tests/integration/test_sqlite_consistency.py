@@ -43,6 +43,7 @@ def _check_database(directory: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.long_wait
 def test_a_sqlite_writer_under_a_10_second_policy_every_checked_snapshot_holds_every_commit(
     tmp_path: Path,
 ) -> None:
