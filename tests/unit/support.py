@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 from dingyuan.repository.backends.base import Backend
+from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.crypto import KdfParams
+from dingyuan.repository.format import pack_name
 from dingyuan.repository.repo import Repository
 
 KDF = KdfParams(1024, 1, 1)
@@ -40,3 +42,12 @@ def write_sparse(path: Path, size: int, writes: list[tuple[int, bytes]]) -> None
 def apply_writes(image: bytearray, writes: list[tuple[int, bytes]]) -> None:
     for off, data in writes:
         image[off : off + len(data)] = data
+
+
+def damage_blob(repo: Repository, backend: MemoryBackend, bid: bytes, mask: int) -> None:
+    """Flip the bits of ``mask`` in the middle byte of blob ``bid`` as stored in its pack."""
+    loc = repo.locate(bid)
+    name = pack_name(loc.pack)
+    raw = bytearray(backend.objects[name])
+    raw[loc.entry.offset + loc.entry.length // 2] ^= mask
+    backend.objects[name] = bytes(raw)

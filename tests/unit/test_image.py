@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import apply_writes, new_repo, write_sparse
+from support import apply_writes, damage_blob, new_repo, write_sparse
 
 import dingyuan.repository.backup as backup_mod
 from dingyuan.errors import CorruptObject, ReadOnlyDevice
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
-from dingyuan.repository.format import pack_name
 from dingyuan.repository.gc import gc
 from dingyuan.repository.image import SnapshotImage
 from dingyuan.repository.repo import Repository
@@ -251,11 +250,7 @@ def test_a_flipped_bit_fails_the_read_and_never_returns_other_bytes(tmp_path: Pa
         # the chunk at offset 128 KiB: flip one bit in the middle of its stored blob
         with SnapshotImage(repo, snap) as img:
             bid = img.tree.ids_range(2, 1)[0]
-        loc = repo.locate(bid)
-        name = pack_name(loc.pack)
-        raw = bytearray(backend.objects[name])
-        raw[loc.entry.offset + loc.entry.length // 2] ^= 0x10
-        backend.objects[name] = bytes(raw)
+        damage_blob(repo, backend, bid, 0x10)
         with SnapshotImage(repo, snap) as img:
             assert img.read(0, 64 * KiB) == data[: 64 * KiB]
             for off, n in [(2 * 64 * KiB, 1), (64 * KiB, 3 * 64 * KiB), (0, len(data))]:

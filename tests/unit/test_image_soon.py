@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from support import new_repo, write_sparse
+from support import damage_blob, new_repo, write_sparse
 
 from dingyuan.errors import CorruptObject, ExportError
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
 from dingyuan.repository.cache import Location
-from dingyuan.repository.format import pack_name
 from dingyuan.repository.image import SnapshotImage
 from dingyuan.repository.manifest import Snapshot
 from dingyuan.repository.repo import Repository
@@ -44,6 +43,15 @@ class GatedBackend(MemoryBackend):
             self.waiting.release()
             assert self.gate.wait(10)
         return super().get_range(name, offset, length)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[GatedBackend, Repository]]:
+    """A repository on a :class:`GatedBackend`, and that backend."""
+    backend = GatedBackend()
+    repo = new_repo(backend, tmp_path / "cache")
+    yield backend, repo
+    repo.close()
 
 
 def _snapshot(repo: Repository, tmp_path: Path, data: bytes) -> Snapshot:
@@ -75,67 +83,59 @@ def test_read_soon_declines_a_tree_load_and_serves_cached_and_new_chunks(
         assert b"".join(fresh.parts()) == data[600 * KiB : 900 * KiB]
 
 
-def test_a_read_of_chunks_in_flight_is_called_back_once_with_the_bytes(tmp_path: Path) -> None:
-    backend = GatedBackend()
-    repo = new_repo(backend, tmp_path / "cache")
-    try:
-        data = random.Random(2).randbytes(MiB)
-        snap = _snapshot(repo, tmp_path, data)
-        with SnapshotImage(repo, snap) as img:
-            assert img.read(0, 1) == data[:1]  # loads the tree
-            backend.gate.clear()
-            img.cache(CHUNK, 8 * CHUNK)  # a prefetch, held in flight by the gate
-            assert backend.waiting.acquire(timeout=10)
-            pending = img.read_soon(CHUNK + 10, 5 * CHUNK)
-            assert pending is not None and not pending.done
-            calls: list[str] = []
-            called = threading.Event()
+def test_a_read_of_chunks_in_flight_is_called_back_once_with_the_bytes(
+    gated: tuple[GatedBackend, Repository], tmp_path: Path
+) -> None:
+    backend, repo = gated
+    data = random.Random(2).randbytes(MiB)
+    snap = _snapshot(repo, tmp_path, data)
+    with SnapshotImage(repo, snap) as img:
+        assert img.read(0, 1) == data[:1]  # loads the tree
+        backend.gate.clear()
+        img.cache(CHUNK, 8 * CHUNK)  # a prefetch, held in flight by the gate
+        assert backend.waiting.acquire(timeout=10)
+        pending = img.read_soon(CHUNK + 10, 5 * CHUNK)
+        assert pending is not None and not pending.done
+        calls: list[str] = []
+        called = threading.Event()
 
-            def ready() -> None:
-                calls.append(threading.current_thread().name)
-                called.set()
+        def ready() -> None:
+            calls.append(threading.current_thread().name)
+            called.set()
 
-            assert pending.when_ready(ready)
-            backend.gate.set()
-            assert called.wait(10)
-            assert pending.done
-            assert len(calls) == 1 and calls[0] != threading.current_thread().name, "not called back once"
-            assert b"".join(pending.parts()) == data[CHUNK + 10 : 6 * CHUNK + 10]
-    finally:
-        repo.close()
+        assert pending.when_ready(ready)
+        backend.gate.set()
+        assert called.wait(10)
+        assert pending.done
+        assert len(calls) == 1 and calls[0] != threading.current_thread().name, "not called back once"
+        assert b"".join(pending.parts()) == data[CHUNK + 10 : 6 * CHUNK + 10]
 
 
-def test_a_corrupt_chunk_fails_the_read_it_belongs_to(tmp_path: Path) -> None:
-    backend = GatedBackend()
-    repo = new_repo(backend, tmp_path / "cache")
-    try:
-        data = random.Random(3).randbytes(8 * CHUNK)
-        snap = _snapshot(repo, tmp_path, data)
-        with SnapshotImage(repo, snap) as img:
-            bid = img.tree.ids_range(3, 1)[0]
-        loc = repo.locate(bid)
-        name = pack_name(loc.pack)
-        raw = bytearray(backend.objects[name])
-        raw[loc.entry.offset + loc.entry.length // 2] ^= 0x01
-        backend.objects[name] = bytes(raw)
-        with SnapshotImage(repo, snap) as img:
-            assert img.read(0, CHUNK) == data[:CHUNK]
-            backend.gate.clear()
-            img.cache(CHUNK, 7 * CHUNK)
-            assert backend.waiting.acquire(timeout=10)
-            bad = img.read_soon(2 * CHUNK, 2 * CHUNK)  # chunks 2 and 3
-            good = img.read_soon(5 * CHUNK, CHUNK)
-            assert bad is not None and good is not None
-            done = threading.Semaphore(0)
-            for pending in (bad, good):
-                assert pending.when_ready(done.release)
-            backend.gate.set()
-            assert done.acquire(timeout=10) and done.acquire(timeout=10)
-            with pytest.raises(CorruptObject):
-                bad.parts()
-            assert b"".join(good.parts()) == data[5 * CHUNK : 6 * CHUNK]
-    finally:
-        repo.close()
+def test_a_corrupt_chunk_fails_the_read_it_belongs_to(
+    gated: tuple[GatedBackend, Repository], tmp_path: Path
+) -> None:
+    backend, repo = gated
+    data = random.Random(3).randbytes(8 * CHUNK)
+    snap = _snapshot(repo, tmp_path, data)
+    with SnapshotImage(repo, snap) as img:
+        bid = img.tree.ids_range(3, 1)[0]
+    damage_blob(repo, backend, bid, 0x01)
+    with SnapshotImage(repo, snap) as img:
+        assert img.read(0, CHUNK) == data[:CHUNK]
+        backend.gate.clear()
+        img.cache(CHUNK, 7 * CHUNK)
+        assert backend.waiting.acquire(timeout=10)
+        bad = img.read_soon(2 * CHUNK, 2 * CHUNK)  # chunks 2 and 3
+        good = img.read_soon(5 * CHUNK, CHUNK)
+        assert bad is not None and good is not None
+        done = threading.Semaphore(0)
+        for pending in (bad, good):
+            assert pending.when_ready(done.release)
+        backend.gate.set()
+        assert done.acquire(timeout=10) and done.acquire(timeout=10)
+        with pytest.raises(CorruptObject):
+            bad.parts()
+        assert b"".join(good.parts()) == data[5 * CHUNK : 6 * CHUNK]
 
 
 def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tmp_path: Path) -> None:
@@ -163,33 +163,31 @@ def test_random_reads_in_a_loaded_leaf_need_no_index_lookup(repo: Repository, tm
         assert lookups == [], "a chunk of a loaded leaf was looked up in the index cache"
 
 
-def test_closing_calls_back_every_waiting_read_and_stops_its_threads(tmp_path: Path) -> None:
-    backend = GatedBackend()
-    repo = new_repo(backend, tmp_path / "cache")
-    try:
-        data = random.Random(6).randbytes(MiB)
-        snap = _snapshot(repo, tmp_path, data)
-        before = set(threading.enumerate())
-        img = SnapshotImage(repo, snap, workers=1)
-        assert img.read(0, 1) == data[:1]
-        backend.gate.clear()
-        img.cache(CHUNK, CHUNK)  # the one decoding thread waits at the gate
-        assert backend.waiting.acquire(timeout=10)
-        pending = img.read_soon(4 * CHUNK, CHUNK)  # queued behind it
-        assert pending is not None
-        called = threading.Event()
-        assert pending.when_ready(called.set)
-        closing = threading.Thread(target=img.close)
-        closing.start()
-        backend.gate.set()
-        closing.join(10)
-        assert not closing.is_alive() and called.is_set()
-        try:  # dropped by close (the usual case), or fetched before close got to it
-            got = b"".join(pending.parts())
-        except ExportError:
-            pass
-        else:
-            assert got == data[4 * CHUNK : 5 * CHUNK]
-        assert set(threading.enumerate()) <= before, "the image left threads running"
-    finally:
-        repo.close()
+def test_closing_calls_back_every_waiting_read_and_stops_its_threads(
+    gated: tuple[GatedBackend, Repository], tmp_path: Path
+) -> None:
+    backend, repo = gated
+    data = random.Random(6).randbytes(MiB)
+    snap = _snapshot(repo, tmp_path, data)
+    before = set(threading.enumerate())
+    img = SnapshotImage(repo, snap, workers=1)
+    assert img.read(0, 1) == data[:1]
+    backend.gate.clear()
+    img.cache(CHUNK, CHUNK)  # the one decoding thread waits at the gate
+    assert backend.waiting.acquire(timeout=10)
+    pending = img.read_soon(4 * CHUNK, CHUNK)  # queued behind it
+    assert pending is not None
+    called = threading.Event()
+    assert pending.when_ready(called.set)
+    closing = threading.Thread(target=img.close)
+    closing.start()
+    backend.gate.set()
+    closing.join(10)
+    assert not closing.is_alive() and called.is_set()
+    try:  # dropped by close (the usual case), or fetched before close got to it
+        got = b"".join(pending.parts())
+    except ExportError:
+        pass
+    else:
+        assert got == data[4 * CHUNK : 5 * CHUNK]
+    assert set(threading.enumerate()) <= before, "the image left threads running"

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import nbd
 import pytest
-from support import new_repo, write_sparse
+from support import damage_blob, new_repo, write_sparse
 
 from dingyuan.exports.nbd.server import ThreadedNbdServer
 from dingyuan.repository.backends.memory import MemoryBackend
 from dingyuan.repository.backup import backup
-from dingyuan.repository.format import pack_name
 from dingyuan.repository.image import SnapshotImage
 from dingyuan.repository.repo import Repository
 
@@ -100,11 +99,7 @@ def test_a_corrupt_chunk_fails_its_reads_with_eio_and_the_rest_still_reads(
     uri, content, backend, repo, image = served
     cs = image.block_size
     bad = 20  # the chunk at 1.25 MiB
-    loc = repo.locate(image.tree.ids_range(bad, 1)[0])
-    name = pack_name(loc.pack)
-    raw = bytearray(backend.objects[name])
-    raw[loc.entry.offset + loc.entry.length // 2] ^= 0x80
-    backend.objects[name] = bytes(raw)
+    damage_blob(repo, backend, image.tree.ids_range(bad, 1)[0], 0x80)
     h = nbd.NBD()
     h.connect_uri(uri)
     try:
